@@ -1,0 +1,105 @@
+"""Trainable weight deltas: low-rank (LoRA) or full-rank, on a chosen set of layers.
+
+The host's weights are never modified; ``WeightDeltas.patched_weights`` returns
+``W + delta`` tensors that the denoiser swaps in for the student's forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .denoiser import UNetLayer
+
+TRAINABLE_SETS = ("xattn", "xattn-kv", "noxattn", "full")
+
+
+def is_trainable(ldm_name: str, train: str) -> bool:
+    """ESD's parameter groups, decided on original-layout names so every host agrees.
+
+    ``xattn`` (ESD-x): cross-attention; ``xattn-kv``: only its key/value
+    projections; ``noxattn`` (ESD-u): everything but cross-attention, the time
+    embedding and the output head; ``full``: every layer.
+    """
+    if train == "xattn":
+        return ".attn2." in ldm_name
+    if train == "xattn-kv":
+        return ldm_name.endswith((".attn2.to_k", ".attn2.to_v"))
+    if train == "noxattn":
+        return ".attn2." not in ldm_name and not ldm_name.startswith(("time_embed.", "out."))
+    if train == "full":
+        return True
+    raise ValueError(f"unknown trainable set {train!r}; choose one of {', '.join(TRAINABLE_SETS)}")
+
+
+def kohya_name(ldm_name: str) -> str:
+    return "lora_unet_" + ldm_name.replace(".", "_")
+
+
+class LoRADelta(nn.Module):
+    """``delta = up @ down * alpha / rank``; a conv layer gets a conv-shaped down
+    projection and a 1x1 up projection (kohya's LoCon convention)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float):
+        super().__init__()
+        out_features, in_features = weight.shape[0], weight.shape[1:].numel()
+        rank = min(rank, out_features, in_features)
+        self.weight_shape = weight.shape
+        self.rank, self.alpha = rank, float(alpha)
+        self.down = nn.Parameter(torch.empty(rank, in_features))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        self.up = nn.Parameter(torch.zeros(out_features, rank))  # zero: the student starts as the teacher
+
+    def forward(self) -> torch.Tensor:
+        return (self.up @ self.down * (self.alpha / self.rank)).reshape(self.weight_shape)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(down, up, alpha) shaped as kohya stores them."""
+        extra = (1,) * (len(self.weight_shape) - 2)
+        down = self.down.detach().reshape(self.rank, *self.weight_shape[1:])
+        up = self.up.detach().reshape(*self.up.shape, *extra)
+        return down, up, self.alpha
+
+
+class FullDelta(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(weight.shape))
+
+    def forward(self) -> torch.Tensor:
+        return self.delta
+
+
+class WeightDeltas(nn.Module):
+    """The trained state of an erasure: one delta per selected UNet layer."""
+
+    def __init__(self, layers: list[UNetLayer], train: str, rank: int | None, alpha: float | None = None):
+        super().__init__()
+        self.train_set, self.rank = train, rank
+        self.alpha = float(alpha if alpha is not None else (rank or 0))
+        self.layers = {kohya_name(layer.ldm_name): layer for layer in layers if is_trainable(layer.ldm_name, train)}
+        if not self.layers:
+            raise ValueError(f"the trainable set {train!r} selects no layer of this model")
+        self.deltas = nn.ModuleDict(
+            {
+                key: LoRADelta(layer.module.weight, rank, self.alpha) if rank else FullDelta(layer.module.weight)
+                for key, layer in self.layers.items()
+            }
+        )
+
+    @property
+    def is_lora(self) -> bool:
+        return self.rank is not None
+
+    def delta(self, key: str) -> torch.Tensor:
+        return self.deltas[key]()
+
+    def patched_weights(self) -> dict[str, torch.Tensor]:
+        """``{unet parameter name: W + delta}`` for functional_call."""
+        patched = {}
+        for key, layer in self.layers.items():
+            weight = layer.module.weight
+            patched[layer.weight_name] = weight + self.delta(key).to(weight.dtype)
+        return patched

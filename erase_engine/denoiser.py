@@ -1,0 +1,173 @@
+"""The one interface the engine sees: a denoiser adapter that hides the host.
+
+An adapter gives the noise schedule, a text encoder (prompts -> conditioning)
+and a prediction call ``output(x_t, t, cond, deltas)``.  Everything else in the
+engine (objective, trajectory cache, trainer, exports) only talks to this.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+if TYPE_CHECKING:
+    from .deltas import WeightDeltas
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The discrete training schedule: ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``."""
+
+    alphas_cumprod: torch.Tensor  # [T], float64
+    prediction_type: str  # "epsilon" or "v_prediction"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``a_t`` broadcast against ``like`` (t may be a tensor of timesteps)."""
+        a = self.alphas_cumprod.to(like.device)[t.long().to(like.device)]
+        return a.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def eps_and_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convert a model output (eps or v) into (eps, x0) at ``x_t``."""
+        a = self.alpha(t, x_t)
+        sa, s1a = a.sqrt(), (1 - a).sqrt()
+        if self.prediction_type == "epsilon":
+            eps = output
+            x0 = (x_t - s1a * eps) / sa
+        else:
+            x0 = sa * x_t - s1a * output
+            eps = s1a * x_t + sa * output
+        return eps, x0
+
+
+@dataclass
+class Conditioning:
+    """A batch of text conditioning: the cross-attention context plus any
+    host-specific extras (SDXL's pooled embedding and size ids), all batch-first."""
+
+    context: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def _map(self, fn) -> Conditioning:
+        return Conditioning(fn(self.context), {k: fn(v) for k, v in self.extras.items()})
+
+    def __getitem__(self, index) -> Conditioning:
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return self._map(lambda v: v[index])
+
+    def repeat(self, n: int) -> Conditioning:
+        return self._map(lambda v: v.repeat_interleave(n, dim=0))
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        return self._map(lambda v: v.to(device))
+
+    def detached(self) -> Conditioning:
+        """A normal-tensor copy, safe to use in autograd even if the host computed
+        it under ``torch.inference_mode``."""
+        return self._map(lambda v: v.detach().clone())
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        return Conditioning(
+            torch.cat([c.context for c in items]),
+            {k: torch.cat([c.extras[k] for c in items]) for k in items[0].extras},
+        )
+
+
+@dataclass(frozen=True)
+class UNetLayer:
+    """One weight-bearing layer of the UNet that a delta may be attached to."""
+
+    ldm_name: str  # module path in the original ldm/sgm layout (names the LoRA key)
+    weight_name: str  # parameter name inside ``Denoiser.unet`` (for functional_call)
+    module: nn.Module  # nn.Linear or nn.Conv2d
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What an export records about the model the erasure started from."""
+
+    name: str
+    architecture: str  # "sd1", "sd2" or "sdxl"
+    resolution: int  # native image size in pixels
+
+
+class Denoiser(ABC):
+    """Host-independent view of a text-to-image diffusion model."""
+
+    unet: nn.Module
+    schedule: NoiseSchedule
+    latent_channels: int
+    vae_scale_factor: int  # image pixels per latent pixel
+    info: BaseModelInfo
+    sha256: str  # of the base model (may be computed lazily: it can take seconds)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @abstractmethod
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning for a list of prompts (empty string: unconditional)."""
+
+    @abstractmethod
+    def _predict(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, weights: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Raw model output (eps or v) with ``weights`` overriding UNet parameters."""
+
+    @abstractmethod
+    def unet_layers(self) -> list[UNetLayer]:
+        """Every Linear/Conv2d layer of the UNet, named in the original layout."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], shape [B, 3, H, W]."""
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> latents (the mean of the encoder's distribution)."""
+
+    @abstractmethod
+    def original_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model (UNet, text encoders, VAE) in the original single-file layout."""
+
+    def output(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: Conditioning,
+        deltas: WeightDeltas | None = None,
+    ) -> torch.Tensor:
+        """Model output in its own space (eps or v); with ``deltas`` the student's.
+
+        The base weights are never touched: the student's forward pass swaps in
+        ``W + delta`` through ``torch.func.functional_call``.
+        """
+        weights = deltas.patched_weights() if deltas is not None else {}
+        return self._predict(x_t, t, cond, weights)
+
+    def call_unet(self, weights: dict[str, torch.Tensor], *args, **kwargs):
+        if not weights:
+            return self.unet(*args, **kwargs)
+        return functional_call(self.unet, weights, args, kwargs, strict=False)

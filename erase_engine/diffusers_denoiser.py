@@ -1,0 +1,155 @@
+"""The denoiser adapter for diffusers models (SD1.x, SD2.x eps/v, SDXL)."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import ldm_layout
+from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer
+
+# Where each architecture keeps its text encoders in a single-file checkpoint, and their layout.
+TEXT_ENCODER_LAYOUT = {
+    "sd1": [("cond_stage_model.transformer.", "clip")],
+    "sd2": [("cond_stage_model.model.", "open_clip")],
+    "sdxl": [("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "open_clip")],
+}
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class DiffusersDenoiser(Denoiser):
+    """UNet2DConditionModel + CLIP text encoder(s) + AutoencoderKL."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoders: list[nn.Module],
+        tokenizers: list,
+        schedule: NoiseSchedule,
+        name: str,
+        architecture: str,
+        scheduler_config: dict,
+        source_file: Path | None = None,
+    ):
+        expected = len(TEXT_ENCODER_LAYOUT[architecture])
+        if len(text_encoders) != expected or len(tokenizers) != expected:
+            raise ValueError(f"{architecture} needs {expected} text encoders and tokenizers")
+        for tokenizer in tokenizers:
+            if tokenizer.vocab_size != 49408:  # an offline from_pretrained can silently give a broken one
+                raise ValueError(f"the CLIP tokenizer is broken (vocabulary of {tokenizer.vocab_size}, expected 49408)")
+        for module in (unet, vae, *text_encoders):
+            module.requires_grad_(False).eval()
+        self.unet, self.vae = unet, vae
+        self.text_encoders, self.tokenizers = text_encoders, tokenizers
+        self.schedule = schedule
+        self.scheduler_config = scheduler_config
+        self.source_file = source_file
+        self.latent_channels = unet.config.in_channels
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.info = BaseModelInfo(name, architecture, unet.config.sample_size * self.vae_scale_factor)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.info.architecture == "sdxl"
+
+    def to(self, device: torch.device | str) -> DiffusersDenoiser:
+        for module in (self.unet, self.vae, *self.text_encoders):
+            module.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=encoder.config.max_position_embeddings,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(encoder.device)
+            out = encoder(ids, output_hidden_states=self.is_sdxl)
+            if self.is_sdxl:  # SDXL: penultimate layer of both encoders, pooled from the second
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0] if out[0].ndim == 2 else None
+            else:
+                hidden.append(out.last_hidden_state)
+        context = torch.cat(hidden, dim=-1).to(self.dtype)
+        if not self.is_sdxl:
+            return Conditioning(context)
+        size = float(self.info.resolution)
+        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=context.device, dtype=self.dtype)
+        return Conditioning(
+            context, {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.repeat(len(prompts), 1)}
+        )
+
+    def _predict(self, x_t, t, cond, weights):
+        added = cond.extras or None
+        return self.call_unet(
+            weights, x_t, t, encoder_hidden_states=cond.context, added_cond_kwargs=added, return_dict=False
+        )[0]
+
+    def unet_layers(self) -> list[UNetLayer]:
+        return [
+            UNetLayer(ldm_layout.unet_ldm_name(name, self.unet.config), f"{name}.weight", module)
+            for name, module in self.unet.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))
+        ]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        moments = self.vae.encode((images * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
+        return moments.mean * self.vae.config.scaling_factor
+
+    def original_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.source_file is not None:  # keep every tensor of the file the model came from
+            from .loading import read_state_dict
+
+            return read_state_dict(self.source_file)[0]
+        state = ldm_layout.unet_to_ldm(self.unet.state_dict(), self.unet.config)
+        state |= ldm_layout.vae_to_ldm(self.vae.state_dict(), self.vae.config)
+        layouts = TEXT_ENCODER_LAYOUT[self.info.architecture]
+        for (prefix, layout), encoder in zip(layouts, self.text_encoders, strict=True):
+            convert = ldm_layout.clip_to_ldm if layout == "clip" else ldm_layout.open_clip_to_ldm
+            state |= convert(ldm_layout.canonical_clip_state(encoder), prefix)
+        return state
+
+    def diffusers_configs(self) -> dict:
+        """The configs that rebuild this model from a single file with no network."""
+        configs = {
+            "unet": dict(self.unet.config),
+            "vae": dict(self.vae.config),
+            "prediction_type": self.schedule.prediction_type,
+            "scheduler": self.scheduler_config,
+        }
+        for i, encoder in enumerate(self.text_encoders):
+            configs["text_encoder" + (f"_{i + 1}" if i else "")] = encoder.config.to_diff_dict()
+        return configs
+
+    @cached_property
+    def sha256(self) -> str:
+        """The source file's sha256 (what A1111 shows), else a hash of the UNet weights."""
+        if self.source_file is not None:
+            return sha256_of_file(self.source_file)
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.unet.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()

@@ -1,0 +1,181 @@
+"""Exports: a kohya-format LoRA and a single-file checkpoint, with header metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .deltas import LoRADelta
+from .denoiser import Denoiser
+from .ldm_layout import UNET_PREFIX
+from .trainer import Erasure
+
+_ARCHITECTURE = {  # (kohya ss_base_model_version, modelspec architecture)
+    "sd1": ("sd_v1", "stable-diffusion-v1"),
+    "sd2": ("sd_v2", "stable-diffusion-v2"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+}
+
+
+def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of a full delta: ``up @ down ~= delta`` (kohya shapes)."""
+    matrix = delta.detach().float().reshape(delta.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    rank = min(rank, s.numel())
+    root = s[:rank].sqrt()
+    up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
+    extra = (1,) * (delta.ndim - 2)
+    return down.reshape(rank, *delta.shape[1:]), up.reshape(*up.shape, *extra)
+
+
+def lora_state_dict(erasure: Erasure, svd_rank: int | None = None) -> dict[str, torch.Tensor]:
+    """``lora_unet_<ldm path>.lora_down.weight / .lora_up.weight / .alpha``.
+
+    LoRA deltas are stored as trained; full-rank deltas are factored by SVD at
+    ``svd_rank`` (alpha = rank, so the file's scale is 1).
+    """
+    deltas = erasure.deltas
+    if not deltas.is_lora and not svd_rank:
+        raise ValueError("full-rank deltas need a rank for the LoRA export (SVD extraction)")
+    state = {}
+    for key, module in deltas.deltas.items():
+        if isinstance(module, LoRADelta):
+            down, up, alpha = module.factors()
+        else:
+            down, up = svd_factors(module(), svd_rank)
+            alpha = float(down.shape[0])
+        state[f"{key}.lora_down.weight"] = down.float().cpu().contiguous()
+        state[f"{key}.lora_up.weight"] = up.float().cpu().contiguous()
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def merged_state_dict(erasure: Erasure, denoiser: Denoiser) -> dict[str, torch.Tensor]:
+    """The whole model in the original layout with ``W + delta`` in the UNet."""
+    state = dict(denoiser.original_state_dict())
+    for key, layer in erasure.deltas.layers.items():
+        name = f"{UNET_PREFIX}{layer.ldm_name}.weight"
+        if name not in state:
+            raise KeyError(f"{name} is not in the model's original state dict")
+        base = state[name]
+        merged = base.float() + erasure.deltas.delta(key).detach().float().cpu().reshape(base.shape)
+        state[name] = merged.to(base.dtype)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def erasure_metadata(
+    erasure: Erasure, denoiser: Denoiser, title: str, lora: tuple[int, float] | None = None
+) -> dict[str, str]:
+    """Header metadata: what was erased, how, from which model (all values are strings).
+
+    ``lora`` is the exported (rank, alpha) for a LoRA file, None for a checkpoint.
+    """
+    config, objective, info = erasure.config, erasure.objective, denoiser.info
+    kohya_version, spec_architecture = _ARCHITECTURE[info.architecture]
+    if info.architecture == "sd2" and denoiser.schedule.prediction_type == "v_prediction":
+        spec_architecture += "-768-v"
+    erased = ", ".join(f"{e} -> {a}" if a else e for e, a in config.pairs())
+    description = f"'{erased}' erased with {config.method} ({config.train}, {config.steps} steps)."
+    hyperparameters = {**config.as_dict(), "eta": objective.eta, "lambda_u": objective.lambda_u}
+    hyperparameters["lambda_p"] = objective.lambda_p
+    metadata = {
+        "erasure.engine": "erase_engine",
+        "erasure.engine_version": __version__,
+        "erasure.method": "all-but-one guidance surgery (AAAI 2024)",
+        "erasure.preset": config.method,
+        "erasure.erase": json.dumps(config.erase),
+        "erasure.into": json.dumps(config.into),
+        "erasure.preserve": json.dumps(config.preserve),
+        "erasure.hyperparameters": json.dumps(hyperparameters, sort_keys=True),
+        "erasure.base_model": info.name,
+        "erasure.base_model_sha256": denoiser.sha256,
+        "erasure.final_loss": json.dumps(erasure.losses[-1] if erasure.losses else {}),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": spec_architecture + ("/lora" if lora else ""),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.description": description,
+        "modelspec.resolution": f"{info.resolution}x{info.resolution}",
+        "modelspec.prediction_type": "v" if denoiser.schedule.prediction_type == "v_prediction" else "epsilon",
+    }
+    if lora:
+        metadata |= {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(lora[0]),
+            "ss_network_alpha": str(lora[1]),
+            "ss_base_model_version": kohya_version,
+            "ss_v2": str(info.architecture == "sd2"),
+            "ss_sd_model_name": info.name,
+            "ss_new_sd_model_hash": denoiser.sha256,
+            "ss_output_name": title,
+            "ss_steps": str(config.steps),
+            "ss_max_train_steps": str(config.steps),
+            "ss_learning_rate": str(config.lr),
+            "ss_unet_lr": str(config.lr),
+            "ss_text_encoder_lr": "0",
+            "ss_network_train_unet_only": "True",
+            "ss_seed": str(config.seed),
+            "ss_training_comment": description,
+            "ss_tag_frequency": json.dumps({"erased": {e: 1 for e in config.erase}}),
+        }
+    return metadata
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write atomically: a temporary file beside the target, renamed only when complete."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"the output must be a .safetensors file, got {path.name}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder {path.parent} does not exist")
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
+    os.close(descriptor)
+    try:
+        save_file(state, temporary, metadata=metadata)
+        _sort_header(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _sort_header(path: str) -> None:
+    """Rewrite the JSON header with sorted keys, in place and at the same length.
+
+    safetensors writes its header from a hash map whose order changes from one
+    process to the next; sorted, the same erasure gives the same bytes.
+    """
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        ordered = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(ordered) > length:
+            raise RuntimeError("the sorted safetensors header does not fit in place")
+        f.seek(8)
+        f.write(ordered.ljust(length, b" "))
+
+
+def save_lora(erasure: Erasure, denoiser: Denoiser, path: str | Path, svd_rank: int | None = None) -> Path:
+    state = lora_state_dict(erasure, svd_rank)
+    rank = max(int(v.shape[0]) for k, v in state.items() if k.endswith("lora_down.weight"))
+    alpha = erasure.deltas.alpha if erasure.deltas.is_lora else float(svd_rank)
+    metadata = erasure_metadata(erasure, denoiser, Path(path).stem, lora=(rank, alpha))
+    return write_safetensors(state, path, metadata)
+
+
+def save_checkpoint(erasure: Erasure, denoiser: Denoiser, path: str | Path) -> Path:
+    from .loading import CONFIG_METADATA_KEY
+
+    metadata = erasure_metadata(erasure, denoiser, Path(path).stem)
+    configs = getattr(denoiser, "diffusers_configs", None)
+    if configs is not None:  # lets this engine reload the file offline whatever its size
+        metadata[CONFIG_METADATA_KEY] = json.dumps(configs(), sort_keys=True, default=str)
+    return write_safetensors(merged_state_dict(erasure, denoiser), path, metadata)

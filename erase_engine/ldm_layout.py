@@ -1,0 +1,174 @@
+"""Names and layouts of the original (ldm/sgm) single-file checkpoints.
+
+diffusers renames the original modules; the exports speak the original
+language (kohya LoRA keys, ``model.diffusion_model.*`` checkpoints), so this
+module maps diffusers names back.  The reverse direction (original ->
+diffusers) is diffusers' own ``single_file_utils``; the tests check that the
+two round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_FIXED = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _layers_per_block(unet_config: Mapping) -> int:
+    layers = unet_config["layers_per_block"]
+    if isinstance(layers, (list, tuple)):
+        if len(set(layers)) != 1:
+            raise ValueError("the original layout needs the same number of layers in every block")
+        layers = layers[0]
+    return int(layers)
+
+
+def unet_ldm_name(name: str, unet_config: Mapping) -> str:
+    """Map a diffusers UNet module or parameter name to its ldm/sgm name.
+
+    ``down_blocks.0.attentions.1.proj_in`` -> ``input_blocks.2.1.proj_in``.
+    """
+    per_block = _layers_per_block(unet_config)
+    for prefix, ldm in _UNET_FIXED.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return ldm + name[len(prefix) :]
+
+    def join(*parts: str | None) -> str:
+        return ".".join(p for p in parts if p)
+
+    def resnet(tail: str | None) -> str:
+        part, _, rest = (tail or "").partition(".")
+        return join(_RESNET_PARTS[part], rest) if part else ""
+
+    tail = r"(?:\.(.+))?"  # a module path stops here; a parameter name goes on
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)" + tail, name):
+        index = 1 + int(m[1]) * (per_block + 1) + int(m[3])
+        if m[2] == "resnets":
+            return join(f"input_blocks.{index}.0", resnet(m[4]))
+        return join(f"input_blocks.{index}.1", m[4])
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv" + tail, name):
+        return join(f"input_blocks.{(int(m[1]) + 1) * (per_block + 1)}.0.op", m[2])
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)" + tail, name):
+        if m[1] == "resnets":
+            return join(f"middle_block.{2 * int(m[2])}", resnet(m[3]))
+        return join("middle_block.1", m[3])
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)" + tail, name):
+        index = int(m[1]) * (per_block + 1) + int(m[3])
+        if m[2] == "resnets":
+            return join(f"output_blocks.{index}.0", resnet(m[4]))
+        return join(f"output_blocks.{index}.1", m[4])
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv" + tail, name):
+        block = int(m[1])
+        has_attention = "CrossAttn" in unet_config["up_block_types"][block]
+        index = block * (per_block + 1) + per_block
+        return join(f"output_blocks.{index}.{2 if has_attention else 1}.conv", m[2])
+    raise KeyError(f"no original-layout name for UNet parameter {name!r}")
+
+
+def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping) -> dict[str, torch.Tensor]:
+    return {UNET_PREFIX + unet_ldm_name(k, unet_config): v for k, v in state_dict.items()}
+
+
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], vae_config: Mapping) -> dict[str, torch.Tensor]:
+    """AutoencoderKL parameters -> ``first_stage_model.*`` (attention as 1x1 convs)."""
+    up_blocks = len(vae_config["block_out_channels"])
+    out = {}
+    for name, value in state_dict.items():
+        new = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.",
+            lambda m: (
+                f"decoder.up.{up_blocks - 1 - int(m[1])}." + (f"block.{m[3]}." if m[2] == "resnets" else "upsample.")
+            ),
+            new,
+        )
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
+        if m := re.fullmatch(r"(.*)mid_block\.attentions\.0\.(.+)\.(weight|bias)", new):
+            new = f"{m[1]}mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"
+            if m[3] == "weight" and m[2] != "group_norm":
+                value = value.reshape(*value.shape, 1, 1)
+        out[VAE_PREFIX + new] = value
+    return out
+
+
+def canonical_clip_state(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's weights under the ``text_model.*`` names that
+    original checkpoints use (transformers 5 dropped that prefix from its own names)."""
+    return {
+        k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+        for k, v in encoder.state_dict().items()
+    }
+
+
+def clip_state_for(encoder: torch.nn.Module, canonical: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``canonical_clip_state``: names as this transformers version wants them."""
+    if any(k.startswith("text_model.") for k in encoder.state_dict()):
+        return dict(canonical)
+    return {k.removeprefix("text_model."): v for k, v in canonical.items()}
+
+
+def clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel keys stored as they are, under ``prefix``."""
+    return {prefix + k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+
+
+_OPEN_CLIP_PARTS = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """transformers CLIP text model -> OpenCLIP layout (fused qkv, transposed projection)."""
+    out = {}
+    fixed = {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    for name, value in state_dict.items():
+        if name in fixed:
+            out[prefix + fixed[name]] = value
+        elif name == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
+            layer, part, kind = m[1], m[2], m[3]
+            block = f"{prefix}transformer.resblocks.{layer}."
+            if part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                if part == "self_attn.q_proj":
+                    qkv = [state_dict[f"text_model.encoder.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                    out[f"{block}attn.in_proj_{kind}"] = torch.cat(qkv)
+            else:
+                out[f"{block}{_OPEN_CLIP_PARTS[part]}.{kind}"] = value
+    return out

@@ -1,0 +1,90 @@
+"""The guidance-surgery objective (DESIGN.md §2) and its presets.
+
+Classifier-free guidance splits a prediction into an unconditional score and a
+guidance term ``g(x, c) = e(x, c) - e(x, 0)``.  The surgery rewrites only the
+guidance of the erased concept and pins the rest:
+
+    target     = e*(x, 0) + g*(x, c_a) - eta * g*(x, c_e)
+    L_erase    = || e(x, c_e) - target ||^2
+    L_uncond   = || e(x, 0) - e*(x, 0) ||^2
+    L_preserve = mean_p || e(x_p, p) - e*(x_p, p) ||^2
+    L          = L_erase + lambda_u L_uncond + lambda_p L_preserve
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Objective:
+    eta: float
+    lambda_u: float
+    lambda_p: float
+    allows_alternative: bool = True
+
+
+PRESETS = {
+    # The paper: rewrite the guidance term, keep the unconditional score and the preserved prompts.
+    "surgical": Objective(eta=0.5, lambda_u=1.0, lambda_p=1.0),
+    # ESD (Gandikota et al. 2023): negative guidance only, nothing pinned.
+    "esd": Objective(eta=1.0, lambda_u=0.0, lambda_p=0.0, allows_alternative=False),
+}
+
+
+def make_objective(
+    method: str, eta: float | None = None, lambda_u: float | None = None, lambda_p: float | None = None
+) -> Objective:
+    """A preset with any coefficient overridden."""
+    if method not in PRESETS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in {"eta": eta, "lambda_u": lambda_u, "lambda_p": lambda_p}.items() if v is not None}
+    return replace(PRESETS[method], **overrides)
+
+
+def erase_target(
+    uncond: torch.Tensor, erase: torch.Tensor, eta: float, alternative: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``e*(x,0) + g*(x,c_a) - eta g*(x,c_e)`` from the frozen model's outputs."""
+    target = uncond - eta * (erase - uncond)
+    if alternative is not None:
+        target = target + (alternative - uncond)
+    return target
+
+
+@dataclass
+class LossTerms:
+    erase: torch.Tensor
+    uncond: torch.Tensor | None
+    preserve: torch.Tensor | None
+    total: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        terms = {"loss": self.total, "erase": self.erase, "uncond": self.uncond, "preserve": self.preserve}
+        return {k: float(v.detach()) for k, v in terms.items() if v is not None}
+
+
+def surgery_loss(
+    objective: Objective,
+    target: torch.Tensor,
+    student_erase: torch.Tensor,
+    student_uncond: torch.Tensor | None = None,
+    teacher_uncond: torch.Tensor | None = None,
+    student_preserve: torch.Tensor | None = None,
+    teacher_preserve: torch.Tensor | None = None,
+) -> LossTerms:
+    """The weighted sum; a pinning term is computed only when its weight is non-zero."""
+    erase = F.mse_loss(student_erase, target)
+    total = erase
+    uncond = preserve = None
+    if objective.lambda_u:
+        uncond = F.mse_loss(student_uncond, teacher_uncond)
+        total = total + objective.lambda_u * uncond
+    if objective.lambda_p and student_preserve is not None:
+        # mean over prompts of each prompt's mean squared error (equal sizes: one mean)
+        preserve = F.mse_loss(student_preserve, teacher_preserve)
+        total = total + objective.lambda_p * preserve
+    return LossTerms(erase, uncond, preserve, total)

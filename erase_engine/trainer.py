@@ -1,0 +1,195 @@
+"""The erasure loop: sample trajectories once, then train the deltas."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .deltas import WeightDeltas
+from .denoiser import Conditioning, Denoiser
+from .objective import Objective, erase_target, make_objective, surgery_loss
+from .sampling import TrajectoryCache
+
+
+class ErasureCancelled(Exception):
+    """Raised when the host asks to stop; nothing has been written."""
+
+
+@dataclass
+class EraseConfig:
+    """Everything an erasure depends on.  Same config and model: same result."""
+
+    erase: list[str]
+    into: list[str] = field(default_factory=list)  # alternatives, one per erase prompt ("" = none)
+    preserve: list[str] = field(default_factory=list)
+    method: str = "surgical"
+    eta: float | None = None  # None: the preset's value
+    lambda_u: float | None = None
+    lambda_p: float | None = None
+    train: str = "xattn"
+    lora_rank: int | None = 4  # None: full-rank deltas
+    lora_alpha: float | None = None  # None: equal to the rank (scale 1)
+    steps: int = 200
+    lr: float = 1e-4
+    seed: int = 0
+    trajectories: int = 4  # K seeds per prompt in the trajectory cache
+    sampler_steps: int = 50
+    sampler_cfg: float = 3.0
+    resolution: int | None = None  # image pixels; None: the model's native size
+
+    def __post_init__(self) -> None:
+        self.erase = [p.strip() for p in self.erase]
+        self.into = [p.strip() for p in self.into]
+        self.preserve = [p.strip() for p in self.preserve if p.strip()]
+        if not self.erase or not all(self.erase):
+            raise ValueError("give at least one non-empty concept to erase")
+        if self.into and len(self.into) not in (1, len(self.erase)):
+            raise ValueError("give one alternative, or one per erased concept")
+        if len(self.into) == 1:
+            self.into = self.into * len(self.erase)
+        if self.steps < 1 or self.trajectories < 1:
+            raise ValueError("steps and trajectories must be at least 1")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError("the LoRA rank must be at least 1")
+        if self.lr <= 0:
+            raise ValueError("the learning rate must be positive")
+
+    def objective(self) -> Objective:
+        objective = make_objective(self.method, self.eta, self.lambda_u, self.lambda_p)
+        if any(self.into) and not objective.allows_alternative:
+            raise ValueError(f"the {self.method!r} method erases without an alternative; drop --into")
+        return objective
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return list(zip(self.erase, self.into or [""] * len(self.erase), strict=True))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Erasure:
+    """The result: trained deltas plus everything needed to describe them."""
+
+    deltas: WeightDeltas
+    config: EraseConfig
+    objective: Objective
+    losses: list[dict[str, float]]
+    seconds: dict[str, float]
+
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+def latent_shape(denoiser: Denoiser, resolution: int | None) -> tuple[int, int, int]:
+    pixels = resolution or denoiser.info.resolution
+    if pixels % denoiser.vae_scale_factor:
+        raise ValueError(f"resolution must be a multiple of {denoiser.vae_scale_factor}, got {pixels}")
+    size = pixels // denoiser.vae_scale_factor
+    return (denoiser.latent_channels, size, size)
+
+
+def erase_concept(
+    denoiser: Denoiser,
+    config: EraseConfig,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Erasure:
+    """Train weight deltas that erase ``config.erase`` from ``denoiser``.
+
+    ``progress(step, total, losses)`` is called after every step; if
+    ``should_stop()`` turns true the run raises ``ErasureCancelled``.
+    The denoiser's own weights are never modified.
+    """
+    objective = config.objective()
+    device = denoiser.device
+    generator = torch.Generator().manual_seed(config.seed)
+    pick = random.Random(config.seed)
+    started = time.perf_counter()
+
+    # 1. Text conditioning, once (cloned: a host may have made it under inference mode).
+    erase_prompts = list(dict.fromkeys(config.erase))
+    alternatives = [a for a in dict.fromkeys(config.into) if a]
+    prompts = list(dict.fromkeys(["", *erase_prompts, *alternatives, *config.preserve]))
+    with torch.no_grad():
+        encoded = denoiser.encode(prompts).detached().to(device)
+    cond = {p: encoded[i] for i, p in enumerate(prompts)}
+
+    # 2. The trajectory cache: the frozen model samples x_t once.
+    cache = TrajectoryCache.sample(
+        denoiser,
+        erase_prompts + config.preserve,
+        config.trajectories,
+        config.sampler_steps,
+        config.sampler_cfg,
+        latent_shape(denoiser, config.resolution),
+        generator,
+    )
+    sampled = time.perf_counter()
+
+    # 3. The deltas and their optimizer (the host's weights stay frozen and untouched).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        deltas = WeightDeltas(denoiser.unet_layers(), config.train, config.lora_rank, config.lora_alpha)
+    deltas.to(device)
+    optimizer = torch.optim.AdamW(deltas.parameters(), lr=config.lr, weight_decay=0.0)
+    use_preserve = bool(config.preserve) and objective.lambda_p > 0
+
+    losses = []
+    for step in range(config.steps):
+        if should_stop is not None and should_stop():
+            raise ErasureCancelled(f"stopped after {step} of {config.steps} steps")
+        erase, into = pick.choice(config.pairs())
+        x_e, t_e = cache.draw(erase, generator)
+        preserve_draws = [cache.draw(p, generator) for p in config.preserve] if use_preserve else []
+        x_p = torch.cat([x for x, _ in preserve_draws]) if preserve_draws else x_e[:0]
+        t_p = torch.cat([t for _, t in preserve_draws]) if preserve_draws else t_e[:0]
+        preserve_cond = [cond[p] for p in config.preserve] if use_preserve else []
+
+        # 4. The teacher: uncond, erase, [alternative], [preserve...] in one batched call.
+        teacher_conds = [cond[""], cond[erase]] + ([cond[into]] if into else []) + preserve_cond
+        n_e = len(teacher_conds) - len(preserve_cond)
+        with torch.no_grad():
+            teacher = denoiser.output(
+                torch.cat([x_e.expand(n_e, -1, -1, -1), x_p]),
+                torch.cat([t_e.expand(n_e), t_p]),
+                Conditioning.cat(teacher_conds),
+            )
+        t_uncond, t_erase = teacher[0:1], teacher[1:2]
+        t_alt = teacher[2:3] if into else None
+        target = erase_target(t_uncond, t_erase, objective.eta, t_alt)
+
+        # 5. The student: erase, [uncond], [preserve...] in one batched call with the deltas.
+        student_conds = [cond[erase]] + ([cond[""]] if objective.lambda_u else []) + preserve_cond
+        n_s = len(student_conds) - len(preserve_cond)
+        student = denoiser.output(
+            torch.cat([x_e.expand(n_s, -1, -1, -1), x_p]),
+            torch.cat([t_e.expand(n_s), t_p]),
+            Conditioning.cat(student_conds),
+            deltas,
+        )
+        terms = surgery_loss(
+            objective,
+            target,
+            student[0:1],
+            student_uncond=student[1:2] if objective.lambda_u else None,
+            teacher_uncond=t_uncond,
+            student_preserve=student[n_s:] if use_preserve else None,
+            teacher_preserve=teacher[n_e:] if use_preserve else None,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+
+        losses.append(terms.as_floats())
+        if progress is not None:
+            progress(step + 1, config.steps, losses[-1])
+
+    finished = time.perf_counter()
+    deltas.requires_grad_(False)
+    seconds = {"sampling": sampled - started, "training": finished - sampled, "total": finished - started}
+    return Erasure(deltas, config, objective, losses, seconds)

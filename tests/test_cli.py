@@ -1,0 +1,71 @@
+"""``erase-concept`` end to end on a tiny diffusers folder, in a subprocess like a user runs it."""
+
+import json
+import subprocess
+import sys
+
+from safetensors import safe_open
+
+from erase_engine import load_denoiser
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "erase_engine.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+FAST = ["--steps", "3", "--trajectories", "1", "--sampler-steps", "3", "--lr", "1e-3"]
+
+
+def test_cli_writes_lora_checkpoint_and_report(tiny_model_dirs, tmp_path):
+    out, ckpt, report = tmp_path / "cat.safetensors", tmp_path / "cat-ckpt.safetensors", tmp_path / "report"
+    result = run_cli(
+        "--model", tiny_model_dirs["sd1"], "--erase", "a cat", "--into", "a dog", "--preserve", "a car", "a tree",
+        "--out", out, "--save-checkpoint", ckpt, "--report", report, *FAST,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "erasing" in result.stderr and "3/3" in result.stderr  # the progress bar ran to the end
+    with safe_open(str(out), "pt") as f:
+        assert any(k.endswith(".lora_up.weight") for k in f.keys())
+        assert json.loads(f.metadata()["erasure.preserve"]) == ["a car", "a tree"]
+    assert load_denoiser(ckpt).info.architecture == "sd1"
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["config"]["erase"] == ["a cat"] and len(summary["final_losses"]) > 0
+    assert set(summary["pixel_change"]) == {"a cat", "a car", "a tree"}
+    from PIL import Image
+
+    grid = Image.open(report / "grid.png")
+    assert grid.height == 2 * 3 * 64  # original and erased rows for three prompts
+    assert Image.open(report / "loss.png").size == (640, 360)
+
+
+def test_same_seed_gives_the_same_file(tiny_model_dirs, tmp_path):
+    files = []
+    for name in ("a", "b"):
+        path = tmp_path / name / "same.safetensors"
+        path.parent.mkdir()
+        result = run_cli("--model", tiny_model_dirs["sd2"], "--erase", "a cat", "--out", path, "--seed", "3", *FAST)
+        assert result.returncode == 0, result.stderr
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
+
+
+def test_bad_input_gives_a_clear_message_and_no_file(tiny_model_dirs, tmp_path):
+    bad_flag = run_cli("--model", tiny_model_dirs["sd1"], "--erase", "a cat", "--bogus")
+    assert bad_flag.returncode == 2 and "unrecognized arguments: --bogus" in bad_flag.stderr
+
+    missing = run_cli("--model", tmp_path / "nowhere", "--erase", "a cat", "--out", tmp_path / "x.safetensors", *FAST)
+    assert missing.returncode != 0 and "no model at" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    esd_into = run_cli("--model", tiny_model_dirs["sd1"], "--erase", "a cat", "--into", "a dog", "--method", "esd")
+    assert esd_into.returncode == 2 and "without an alternative" in esd_into.stderr
+
+    wrong_suffix = run_cli("--model", tiny_model_dirs["sd1"], "--erase", "a cat", "--out", tmp_path / "x.pt")
+    assert wrong_suffix.returncode == 2 and ".safetensors" in wrong_suffix.stderr
+    assert list(tmp_path.iterdir()) == []
