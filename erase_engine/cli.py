@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from .deltas import TRAINABLE_SETS
@@ -86,25 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import EraseConfig, erase_concept
 
     try:
-        config = EraseConfig(
-            erase=args.erase,
-            into=args.into,
-            preserve=args.preserve,
-            method=args.method,
-            eta=args.eta,
-            lambda_u=args.lambda_u,
-            lambda_p=args.lambda_p,
-            train=args.train,
-            lora_rank=None if args.full_rank else args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            steps=args.steps,
-            lr=args.lr,
-            seed=args.seed,
-            trajectories=args.trajectories,
-            sampler_steps=args.sampler_steps,
-            sampler_cfg=args.sampler_cfg,
-            resolution=args.resolution,
-        )
+        if args.full_rank:
+            args.lora_rank = None
+        config = EraseConfig(**{f.name: getattr(args, f.name) for f in fields(EraseConfig)})
         config.objective()  # validates the method's constraints before loading anything
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for, but this PyTorch sees no CUDA device")

@@ -83,7 +83,7 @@ class DiffusersDenoiser(Denoiser):
             out = encoder(ids, output_hidden_states=self.is_sdxl)
             if self.is_sdxl:  # SDXL: penultimate layer of both encoders, pooled from the second
                 hidden.append(out.hidden_states[-2])
-                pooled = out[0] if out[0].ndim == 2 else None
+                pooled = getattr(out, "text_embeds", pooled)
             else:
                 hidden.append(out.last_hidden_state)
         context = torch.cat(hidden, dim=-1).to(self.dtype)

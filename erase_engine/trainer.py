@@ -120,9 +120,10 @@ def erase_concept(
     cond = {p: encoded[i] for i, p in enumerate(prompts)}
 
     # 2. The trajectory cache: the frozen model samples x_t once.
+    use_preserve = bool(config.preserve) and objective.lambda_p > 0
     cache = TrajectoryCache.sample(
         denoiser,
-        erase_prompts + config.preserve,
+        erase_prompts + (config.preserve if use_preserve else []),
         config.trajectories,
         config.sampler_steps,
         config.sampler_cfg,
@@ -137,7 +138,6 @@ def erase_concept(
         deltas = WeightDeltas(denoiser.unet_layers(), config.train, config.lora_rank, config.lora_alpha)
     deltas.to(device)
     optimizer = torch.optim.AdamW(deltas.parameters(), lr=config.lr, weight_decay=0.0)
-    use_preserve = bool(config.preserve) and objective.lambda_p > 0
 
     losses = []
     for step in range(config.steps):

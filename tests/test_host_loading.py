@@ -1,0 +1,23 @@
+"""The repository folder loads the way ComfyUI loads a custom-node pack: by path, as a package."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pack_folder_imports_as_a_package_by_path():
+    name = "concept_erasing_pack_under_test"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        assert isinstance(module.NODE_CLASS_MAPPINGS, dict)
+        assert isinstance(module.NODE_DISPLAY_NAME_MAPPINGS, dict)
+        engine = importlib.import_module(f"{name}.erase_engine")  # the engine rides inside the pack
+        assert engine.__version__ and engine.EraseConfig(erase=["x"]).erase == ["x"]
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
