@@ -1,8 +1,14 @@
-"""``erase-concept``: erase a concept from a Stable Diffusion model on the command line."""
+"""``erase-concept``: erase a concept from a Stable Diffusion model on the command line.
+
+erase-concept [--model PATH] --erase TEXT ...     erase, save a LoRA / checkpoint / report
+erase-concept bench --erase TEXT ... | --compare  measure an erasure on builtin:shapes
+erase-concept purify --lora FILE --image IN.png --prompt TEXT --out OUT.png
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from dataclasses import fields
@@ -11,38 +17,24 @@ from pathlib import Path
 from .deltas import TRAINABLE_SETS
 from .objective import PRESETS
 
+BUILTIN = "builtin:shapes"
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="erase-concept",
-        description="Erase a concept from a Stable Diffusion model and save a LoRA and/or a checkpoint.",
-    )
-    parser.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors/.ckpt")
-    parser.add_argument("--erase", action="append", required=True, metavar="TEXT", help="concept to erase (repeatable)")
-    parser.add_argument(
-        "--into", action="append", default=[], metavar="TEXT", help="alternative concept (one, or one per --erase)"
-    )
-    parser.add_argument(
-        "--preserve", nargs="+", action="extend", default=[], metavar="TEXT", help="prompts to keep unchanged"
-    )
+
+def add_erasure_arguments(parser: argparse.ArgumentParser, steps: int, lr: float, required: bool = True) -> None:
+    """The flags that make an EraseConfig (shared by erasing and benchmarking)."""
+    parser.add_argument("--erase", action="append", required=required, metavar="TEXT", help="concept to erase")
+    parser.add_argument("--into", action="append", default=[], metavar="TEXT", help="alternative (one, or per --erase)")
+    parser.add_argument("--preserve", nargs="+", action="extend", default=[], metavar="TEXT", help="prompts to keep")
     parser.add_argument("--method", choices=sorted(PRESETS), default="surgical")
     parser.add_argument("--train", choices=TRAINABLE_SETS, default="xattn", help="which UNet layers get deltas")
     rank = parser.add_mutually_exclusive_group()
     rank.add_argument("--lora-rank", type=int, default=4, metavar="N", help="train a LoRA of rank N (default 4)")
     rank.add_argument("--full-rank", action="store_true", help="train full-rank deltas")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    parser.add_argument(
-        "--export-rank", type=int, default=16, metavar="N", help="SVD rank of the LoRA export of full-rank deltas"
-    )
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--out", type=Path, metavar="FILE.safetensors", help="where to write the LoRA")
-    parser.add_argument(
-        "--save-checkpoint", type=Path, metavar="FILE.safetensors", help="also write a merged checkpoint"
-    )
-    parser.add_argument("--report", type=Path, metavar="DIR", help="write a before/after grid, loss curve and summary")
     advanced = parser.add_argument_group("advanced")
     advanced.add_argument("--eta", type=float, help="negative guidance on the erased concept (preset's value)")
     advanced.add_argument("--lambda-u", type=float, help="weight of the unconditional-score term")
@@ -51,15 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
     advanced.add_argument("--sampler-steps", type=int, default=50, help="DDIM steps of the trajectory sampler")
     advanced.add_argument("--sampler-cfg", type=float, default=3.0, help="CFG scale of the trajectory sampler")
     advanced.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
-    advanced.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="override the model's")
-    return parser
 
 
-def _check_output(parser: argparse.ArgumentParser, flag: str, path: Path | None) -> None:
+def config_from_args(args: argparse.Namespace, **overrides):
+    from .trainer import EraseConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(EraseConfig)}
+    if args.full_rank:
+        values["lora_rank"] = None
+    config = EraseConfig(**{**values, **overrides})
+    config.objective()  # validates the method's constraints before loading anything
+    return config
+
+
+def load_model(model: str, device: str, prediction_type: str | None = None):
+    import torch
+
+    from .loading import load_denoiser
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this PyTorch sees no CUDA device")
+    return load_denoiser(model, device=device, prediction_type=prediction_type)
+
+
+def check_output(parser: argparse.ArgumentParser, flag: str, path: Path | None, suffix: str = ".safetensors") -> None:
     if path is None:
         return
-    if path.suffix != ".safetensors":
-        parser.error(f"{flag} must name a .safetensors file, got {path}")
+    if path.suffix != suffix:
+        parser.error(f"{flag} must name a {suffix} file, got {path}")
     if not path.parent.resolve().is_dir():
         parser.error(f"{flag}: the folder {path.parent} does not exist")
 
@@ -69,51 +80,158 @@ def default_output(erase: list[str]) -> Path:
     return Path(f"erased-{slug}.safetensors")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def progress_bar(total: int):
+    """A tqdm bar on stderr and the trainer's progress callback that feeds it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="erasing", unit="step", file=sys.stderr)
+
+    def progress(step: int, total: int, losses: dict[str, float]) -> None:
+        bar.set_postfix(loss=f"{losses['loss']:.4g}", refresh=False)
+        bar.update(1)
+
+    return bar, progress
+
+
+def erase_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="erase-concept",
+        description="Erase a concept from a Stable Diffusion model and save a LoRA and/or a checkpoint.",
+        epilog="Other commands: `erase-concept bench --help`, `erase-concept purify --help`.",
+    )
+    parser.add_argument("--model", default=BUILTIN, help=f"diffusers folder, .safetensors/.ckpt file or {BUILTIN}")
+    add_erasure_arguments(parser, steps=200, lr=1e-4)
+    parser.add_argument("--export-rank", type=int, default=16, metavar="N", help="SVD rank for full-rank deltas")
+    parser.add_argument("--out", type=Path, metavar="FILE.safetensors", help="where to write the LoRA")
+    parser.add_argument("--save-checkpoint", type=Path, metavar="FILE.safetensors", help="also write a checkpoint")
+    parser.add_argument("--report", type=Path, metavar="DIR", help="write a before/after grid, loss curve and summary")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="override the model's")
     args = parser.parse_args(argv)
     if args.out is None and args.save_checkpoint is None:
         args.out = default_output(args.erase)
-    _check_output(parser, "--out", args.out)
-    _check_output(parser, "--save-checkpoint", args.save_checkpoint)
-
-    # Heavy imports after argument checks, so a typo answers at once.
-    import torch
-    from tqdm import tqdm
+    check_output(parser, "--out", args.out)
+    check_output(parser, "--save-checkpoint", args.save_checkpoint)
 
     from .export import save_checkpoint, save_lora
-    from .loading import load_denoiser
     from .report import write_report
-    from .trainer import EraseConfig, erase_concept
+    from .trainer import erase_concept
 
-    try:
-        if args.full_rank:
-            args.lora_rank = None
-        config = EraseConfig(**{f.name: getattr(args, f.name) for f in fields(EraseConfig)})
-        config.objective()  # validates the method's constraints before loading anything
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but this PyTorch sees no CUDA device")
-        denoiser = load_denoiser(args.model, device=args.device, prediction_type=args.prediction_type)
-        with tqdm(total=config.steps, desc="erasing", unit="step", file=sys.stderr) as bar:
-
-            def progress(step: int, total: int, losses: dict[str, float]) -> None:
-                bar.set_postfix(loss=f"{losses['loss']:.4g}", refresh=False)
-                bar.update(1)
-
-            erasure = erase_concept(denoiser, config, progress=progress)
-        outputs = {}
-        if args.out is not None:
-            outputs["lora"] = str(save_lora(erasure, denoiser, args.out, svd_rank=args.export_rank))
-        if args.save_checkpoint is not None:
-            outputs["checkpoint"] = str(save_checkpoint(erasure, denoiser, args.save_checkpoint))
-        if args.report is not None:
-            outputs["report"] = str(write_report(args.report, denoiser, erasure, outputs=dict(outputs)))
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"erase-concept: error: {error}", file=sys.stderr)
-        return 2
+    config = config_from_args(args)
+    denoiser = load_model(args.model, args.device, args.prediction_type)
+    bar, progress = progress_bar(config.steps)
+    with bar:
+        erasure = erase_concept(denoiser, config, progress=progress)
+    outputs = {}
+    if args.out is not None:
+        outputs["lora"] = str(save_lora(erasure, denoiser, args.out, svd_rank=args.export_rank))
+    if args.save_checkpoint is not None:
+        outputs["checkpoint"] = str(save_checkpoint(erasure, denoiser, args.save_checkpoint))
+    if args.report is not None:
+        outputs["report"] = str(write_report(args.report, denoiser, erasure, outputs=dict(outputs)))
     for kind, path in outputs.items():
         print(f"{kind}: {path}")
     return 0
+
+
+# The --compare defaults: every shape erased plainly, shapes replaced by others, and colors.
+COMPARE_DEFAULTS = [(s, "") for s in ("circle", "square", "triangle", "star", "heart", "cross")] + [
+    ("star", "heart"),
+    ("square", "circle"),
+    ("red", ""),
+    ("blue", "green"),
+]
+
+
+def bench_main(argv: list[str]) -> int:
+    from .builtin import bench
+
+    parser = argparse.ArgumentParser(prog="erase-concept bench", description=bench.__doc__)
+    add_erasure_arguments(parser, steps=bench.DEFAULT_STEPS, lr=bench.DEFAULT_LR, required=False)
+    parser.add_argument("--compare", action="store_true", help="run surgical and esd side by side")
+    # without --preserve, the other shapes (or colors) are preserved
+    parser.add_argument("--samples", type=int, default=72, help="samples per prompt group (>= 64)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--grid", type=Path, metavar="FILE.png", help="before/after picture of the (first) erasure")
+    args = parser.parse_args(argv)
+    if not args.erase and not args.compare:
+        parser.error("give --erase TEXT, or --compare for the default set of concepts")
+    check_output(parser, "--json", args.json, ".json")
+    check_output(parser, "--grid", args.grid, ".png")
+
+    from .builtin.judge import load_judge
+
+    padded_into = args.into + [""] * len(args.erase or [])  # an --erase without its --into has none
+    pairs = list(zip(args.erase, padded_into, strict=False)) if args.erase else COMPARE_DEFAULTS
+    methods = ["surgical", "esd"] if args.compare else [args.method]
+    denoiser, judge = load_model(BUILTIN, args.device), load_judge()
+    rows = []
+    for (erase, into), method in ((p, m) for p in pairs for m in methods):
+        into_list = [into] if into and method != "esd" else []
+        preserve = args.preserve or bench.default_preserve(erase)
+        config = config_from_args(args, erase=[erase], into=into_list, preserve=preserve, method=method)
+        print(f"bench: erasing {erase!r}{f' into {into!r}' if config.into else ''} with {method} ...", file=sys.stderr)
+        row, images = bench.run_bench(denoiser, judge, config, samples=args.samples)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+        if args.grid is not None and len(rows) == 1:
+            bench.bench_grid(images).save(args.grid)
+    print(bench.comparison_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    return 0
+
+
+def purify_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="erase-concept purify",
+        description="DDIM-invert an image with the original model, regenerate it with the erased one.",
+    )
+    parser.add_argument("--model", default=BUILTIN)
+    parser.add_argument("--lora", type=Path, required=True, help="the erasure's LoRA file")
+    parser.add_argument("--image", type=Path, required=True)
+    parser.add_argument("--prompt", required=True, help="what the image shows")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT.png")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--strength", type=float, default=0.7, help="how far to invert, 0-1")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    check_output(parser, "--out", args.out, ".png")
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from .deltas import WeightDeltas
+    from .purify import purify
+
+    if not args.image.is_file():
+        raise FileNotFoundError(f"no image at {args.image}")
+    if not args.lora.is_file():
+        raise FileNotFoundError(f"no LoRA at {args.lora}")
+    denoiser = load_model(args.model, args.device)
+    deltas = WeightDeltas.from_lora(denoiser.unet_layers(), load_file(args.lora)).to(denoiser.device)
+    size = denoiser.info.resolution
+    image = Image.open(args.image).convert("RGB")
+    pixels = torch.from_numpy(np.array(image.resize((size, size), Image.BICUBIC))).permute(2, 0, 1)[None] / 255
+    result = purify(denoiser, pixels, [args.prompt], deltas, args.steps, args.strength)[0]
+    out = (result.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    Image.fromarray(out).resize(image.size, Image.BICUBIC).save(args.out)
+    print(f"purified: {args.out}")
+    return 0
+
+
+COMMANDS = {"bench": bench_main, "purify": purify_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS.get(argv[0], None) if argv else None
+    try:
+        return command(argv[1:]) if command else erase_main(argv)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        print(f"erase-concept: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

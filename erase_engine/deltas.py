@@ -73,21 +73,49 @@ class FullDelta(nn.Module):
 
 
 class WeightDeltas(nn.Module):
-    """The trained state of an erasure: one delta per selected UNet layer."""
+    """The trained state of an erasure: one delta per selected UNet layer, keyed by
+    its kohya name."""
 
-    def __init__(self, layers: list[UNetLayer], train: str, rank: int | None, alpha: float | None = None):
+    def __init__(self, layers: dict[str, UNetLayer], deltas: dict[str, nn.Module], rank: int | None, alpha: float):
         super().__init__()
-        self.train_set, self.rank = train, rank
-        self.alpha = float(alpha if alpha is not None else (rank or 0))
-        self.layers = {kohya_name(layer.ldm_name): layer for layer in layers if is_trainable(layer.ldm_name, train)}
-        if not self.layers:
+        if not layers:
+            raise ValueError("no layer of this model is selected")
+        self.layers, self.rank, self.alpha = layers, rank, alpha
+        self.deltas = nn.ModuleDict(deltas)
+
+    @classmethod
+    def create(cls, layers: list[UNetLayer], train: str, rank: int | None, alpha: float | None = None) -> WeightDeltas:
+        """Fresh deltas (the student starts equal to the teacher) on the ``train`` set."""
+        selected = {kohya_name(layer.ldm_name): layer for layer in layers if is_trainable(layer.ldm_name, train)}
+        if not selected:
             raise ValueError(f"the trainable set {train!r} selects no layer of this model")
-        self.deltas = nn.ModuleDict(
-            {
-                key: LoRADelta(layer.module.weight, rank, self.alpha) if rank else FullDelta(layer.module.weight)
-                for key, layer in self.layers.items()
-            }
-        )
+        alpha = float(alpha if alpha is not None else (rank or 0))
+        deltas = {
+            key: LoRADelta(layer.module.weight, rank, alpha) if rank else FullDelta(layer.module.weight)
+            for key, layer in selected.items()
+        }
+        return cls(selected, deltas, rank, alpha)
+
+    @classmethod
+    def from_lora(cls, layers: list[UNetLayer], state: dict[str, torch.Tensor]) -> WeightDeltas:
+        """Deltas read back from a kohya LoRA state dict (every key must match a layer)."""
+        by_name = {kohya_name(layer.ldm_name): layer for layer in layers}
+        modules = sorted({k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in state})
+        unknown = [m for m in modules if m not in by_name]
+        if unknown:
+            raise ValueError(f"{len(unknown)} LoRA modules match no layer of this model, e.g. {unknown[:3]}")
+        deltas = {}
+        for key in modules:
+            down, up = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"]
+            rank = down.shape[0]
+            alpha = float(state[f"{key}.alpha"]) if f"{key}.alpha" in state else float(rank)
+            delta = LoRADelta(by_name[key].module.weight, rank, alpha)
+            delta.down.data.copy_(down.reshape(rank, -1))
+            delta.up.data.copy_(up.reshape(up.shape[0], rank))
+            deltas[key] = delta
+        rank = max(d.rank for d in deltas.values())
+        alpha = deltas[modules[0]].alpha
+        return cls({k: by_name[k] for k in modules}, deltas, rank, alpha).requires_grad_(False)
 
     @property
     def is_lora(self) -> bool:

@@ -137,6 +137,9 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata
         raise FileNotFoundError(f"the folder {path.parent} does not exist")
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
     os.close(descriptor)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; a model file is as readable as any other
     try:
         save_file(state, temporary, metadata=metadata)
         _sort_header(temporary)

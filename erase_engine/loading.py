@@ -17,6 +17,7 @@ from .diffusers_denoiser import TEXT_ENCODER_LAYOUT, DiffusersDenoiser
 from .ldm_layout import clip_state_for
 
 CONFIG_METADATA_KEY = "erase_engine.diffusers_configs"
+BUILTIN_SHAPES = "builtin:shapes"
 CLIP_VOCAB_ENV = "ERASE_ENGINE_CLIP_VOCAB"
 
 
@@ -184,7 +185,10 @@ def load_diffusers_folder(path: Path, prediction_type: str | None = None) -> Dif
 def load_denoiser(
     model: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, prediction_type: str | None = None
 ) -> DiffusersDenoiser:
-    """A diffusers folder (with ``model_index.json``) or a ``.safetensors``/``.ckpt`` file."""
+    """A diffusers folder (with ``model_index.json``), a ``.safetensors``/``.ckpt`` file,
+    or ``builtin:shapes`` (the demo model shipped with the engine)."""
+    if str(model) == BUILTIN_SHAPES:
+        from .builtin.train_model import WEIGHTS as model
     path = Path(model)
     if path.is_dir() and (path / "model_index.json").exists():
         denoiser = load_diffusers_folder(path, prediction_type)

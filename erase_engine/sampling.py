@@ -47,14 +47,17 @@ def ddim_sample(
     cfg_scale: float,
     deltas: WeightDeltas | None = None,
     keep_trajectory: bool = False,
+    start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Deterministic DDIM from ``noise`` (one row per prompt in ``cond``).
 
-    Returns the final latents, the latents *entering* every step ([steps, B, ...])
-    if asked, and the timesteps they belong to.
+    ``start`` skips the first steps: ``noise`` is then a latent at the noise level
+    of ``ddim_timesteps(...)[start]`` (as ``ddim_invert`` returns).  Returns the
+    final latents, the latents *entering* every step ([steps, B, ...]) if asked,
+    and the timesteps they belong to.
     """
     schedule = denoiser.schedule
-    timesteps = ddim_timesteps(schedule.num_timesteps, steps)
+    timesteps = ddim_timesteps(schedule.num_timesteps, steps)[start:]
     uncond = denoiser.encode([""]).repeat(len(cond)).to(noise.device)
     x = noise
     kept = []
@@ -71,6 +74,31 @@ def ddim_sample(
             x = x0
     trajectory = torch.stack(kept) if keep_trajectory else None
     return x, trajectory, timesteps
+
+
+@torch.no_grad()
+def ddim_invert(
+    denoiser: Denoiser, latents: torch.Tensor, cond: Conditioning, steps: int, strength: float, cfg_scale: float = 1.0
+) -> tuple[torch.Tensor, int]:
+    """Run DDIM backwards from clean ``latents`` up to ``strength`` of the way to
+    pure noise.  Returns the noised latents and the ``start`` index at which
+    ``ddim_sample`` resumes from them."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    schedule = denoiser.schedule
+    ascending = ddim_timesteps(schedule.num_timesteps, steps).flip(0)
+    count = max(1, round(strength * steps))
+    uncond = denoiser.encode([""]).repeat(len(cond)).to(latents.device)
+    x, level = latents, None  # level: the timestep x is at (None: clean)
+    for t in ascending[:count]:
+        t_model = (level if level is not None else t).repeat(len(x)).to(x.device)
+        out = guided_output(denoiser, x, t_model, cond, uncond, cfg_scale)
+        eps, _ = schedule.eps_and_x0(out, x, t_model)
+        a_now = schedule.alpha(level.repeat(len(x)), x) if level is not None else torch.ones_like(x[:, :1, :1, :1])
+        x0 = (x - (1 - a_now).sqrt() * eps) / a_now.sqrt()
+        a_next = schedule.alpha(t.repeat(len(x)), x)
+        x, level = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps, t
+    return x, steps - count
 
 
 @dataclass

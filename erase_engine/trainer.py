@@ -135,7 +135,7 @@ def erase_concept(
     # 3. The deltas and their optimizer (the host's weights stay frozen and untouched).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        deltas = WeightDeltas(denoiser.unet_layers(), config.train, config.lora_rank, config.lora_alpha)
+        deltas = WeightDeltas.create(denoiser.unet_layers(), config.train, config.lora_rank, config.lora_alpha)
     deltas.to(device)
     optimizer = torch.optim.AdamW(deltas.parameters(), lr=config.lr, weight_decay=0.0)
 

@@ -61,7 +61,7 @@ def test_gradients_reach_only_the_selected_deltas(tiny_model_dirs, train):
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
     layers = denoiser.unet_layers()
-    deltas = WeightDeltas(layers, train, rank=2)
+    deltas = WeightDeltas.create(layers, train, rank=2)
     for module in deltas.deltas.values():  # make every delta non-zero so each can receive gradient
         torch.nn.init.normal_(module.up)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])

@@ -116,3 +116,19 @@ def test_failed_write_leaves_no_file(tiny_denoiser, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_lora(erasure, tiny_denoiser, tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_file_loads_back_as_deltas(tiny_denoiser, tmp_path):
+    from erase_engine.deltas import WeightDeltas
+
+    erasure = erase_tiny(tiny_denoiser, lora_rank=4, train="xattn")
+    path = save_lora(erasure, tiny_denoiser, tmp_path / "erased.safetensors")
+    loaded = WeightDeltas.from_lora(tiny_denoiser.unet_layers(), load_file(path))
+    assert loaded.layers.keys() == erasure.deltas.layers.keys()
+    x, t, cond = probe(tiny_denoiser)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tiny_denoiser.output(x, t, cond, loaded), tiny_denoiser.output(x, t, cond, erasure.deltas)
+        )
+    with pytest.raises(ValueError, match="match no layer"):
+        WeightDeltas.from_lora(tiny_denoiser.unet_layers(), {"lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1)})

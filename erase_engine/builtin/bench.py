@@ -1,0 +1,232 @@
+"""The efficacy benchmark: one erasure on ``builtin:shapes``, judged before and after.
+
+Erasing a shape ("star") or a color ("red"), optionally into another of its kind,
+on a fixed set of seeds: how often the judge still sees the concept, how often it
+sees the alternative, whether the layout and the other concepts survived, and
+whether generated images of the concept can be purified.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..denoiser import Denoiser
+from ..purify import purify
+from ..report import grid_image
+from ..sampling import ddim_sample
+from ..trainer import EraseConfig, Erasure, erase_concept, latent_shape
+from .judge import Judge, box_iou, foreground_mask, mask_iou
+from .render import BACKGROUNDS, COLORS, SHAPES, Scenes, prompt, render
+
+SAMPLE_STEPS = 25
+SAMPLE_CFG = 5.0
+DEFAULT_STEPS = 300  # the bench's defaults, tuned on the star and measured on every concept
+DEFAULT_LR = 3e-3
+
+
+@dataclass(frozen=True)
+class Concept:
+    kind: str  # "shape" or "color"
+    index: int
+
+    @staticmethod
+    def parse(text: str) -> Concept:
+        word = text.strip().lower().removeprefix("a ").strip()
+        if word in SHAPES:
+            return Concept("shape", SHAPES.index(word))
+        if word in COLORS:
+            return Concept("color", list(COLORS).index(word))
+        raise ValueError(f"the benchmark erases one of the shapes {SHAPES} or colors {tuple(COLORS)}, not {text!r}")
+
+
+def default_preserve(erase: str) -> list[str]:
+    """The other concepts of the erased one's kind, by name: what the bench preserves
+    unless told otherwise (the esd preset ignores them)."""
+    concept = Concept.parse(erase)
+    names = SHAPES if concept.kind == "shape" else tuple(COLORS)
+    return [name for i, name in enumerate(names) if i != concept.index]
+
+
+@dataclass
+class Group:
+    """Prompts with the shape and color each one asks for."""
+
+    prompts: list[str] = field(default_factory=list)
+    shapes: list[int] = field(default_factory=list)
+    colors: list[int] = field(default_factory=list)
+
+    def add(self, shape: int, color: int, background: str) -> None:
+        self.prompts.append(prompt(SHAPES[shape], list(COLORS)[color], background))
+        self.shapes.append(shape)
+        self.colors.append(color)
+
+    def wanted(self, kind: str) -> torch.Tensor:
+        return torch.tensor(self.shapes if kind == "shape" else self.colors)
+
+
+def prompt_groups(concept: Concept, samples: int) -> tuple[Group, Group]:
+    """Every prompt that shows the concept, and every prompt of the other concepts of
+    its kind, cycled to ``samples`` prompts each (one seed per sample)."""
+    erase, preserve = Group(), Group()
+    combos = list(itertools.product(range(len(SHAPES)), range(len(COLORS)), BACKGROUNDS))
+    mine = [c for c in combos if (c[0] if concept.kind == "shape" else c[1]) == concept.index]
+    others = [c for c in combos if (c[0] if concept.kind == "shape" else c[1]) != concept.index]
+    for group, pool in ((erase, mine), (preserve, others)):
+        for i in range(samples):
+            group.add(*pool[(i * 7) % len(pool)])  # a stride that walks the whole pool
+    return erase, preserve
+
+
+def outline_iou_ceiling(concept: Concept, into: Concept | None, count: int = 256) -> float | None:
+    """The mask IoU a perfect shape erasure would score: the erased shape rendered
+    against the alternative (or each other shape) at the same place and size.  A new
+    outline changes the mask, so ``layout_iou`` of a shape erasure stays below this."""
+    if concept.kind != "shape":
+        return None
+    scenes = Scenes.random(count, torch.Generator().manual_seed(0), shape=concept.index)
+    others = [into.index] if into else [i for i in range(len(SHAPES)) if i != concept.index]
+    source = foreground_mask(render(scenes))
+    ious = []
+    for other in others:
+        swapped = Scenes(
+            torch.full_like(scenes.shape, other), scenes.color, scenes.background, scenes.center, scenes.scale
+        )
+        ious.append(mask_iou(source, foreground_mask(render(swapped))).mean())
+    return round(float(torch.stack(ious).mean()), 4)
+
+
+def generate(denoiser: Denoiser, prompts: list[str], seed: int, deltas=None, resolution=None) -> torch.Tensor:
+    """One image per prompt, sample i from noise seed ``seed + i`` (the same for any deltas)."""
+    shape = latent_shape(denoiser, resolution)
+    noise = torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))]
+    )
+    cond = denoiser.encode(prompts).to(denoiser.device)
+    latents, _, _ = ddim_sample(
+        denoiser, cond, noise.to(denoiser.device, denoiser.dtype), SAMPLE_STEPS, SAMPLE_CFG, deltas
+    )
+    return denoiser.decode(latents).cpu()
+
+
+def fraction(values: torch.Tensor) -> float:
+    return round(float(values.float().mean()), 4)
+
+
+def judge_erasure(
+    denoiser: Denoiser,
+    judge: Judge,
+    erasure: Erasure,
+    concept: Concept,
+    into: Concept | None,
+    samples: int,
+    seed: int,
+    purify_samples: int = 32,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The benchmark's numbers for one finished erasure, and the images behind them."""
+    erase, preserve = prompt_groups(concept, samples)
+    images = {}
+    for name, prompts in (("erase", erase.prompts), ("preserve", preserve.prompts), ("uncond", [""] * samples)):
+        images[f"{name}_before"] = generate(denoiser, prompts, seed)
+        images[f"{name}_after"] = generate(denoiser, prompts, seed, erasure.deltas)
+    head = 0 if concept.kind == "shape" else 1
+    erase_before = judge.classify(images["erase_before"])
+    erase_after = judge.classify(images["erase_after"])
+    preserve_before = judge.classify(images["preserve_before"])[head]
+    preserve_after = judge.classify(images["preserve_after"])[head]
+    wanted = preserve.wanted(concept.kind)
+    masks_before, masks_after = foreground_mask(images["erase_before"]), foreground_mask(images["erase_after"])
+
+    # purification: generated images of the concept (original model) treated as real inputs
+    inputs = images["erase_before"][:purify_samples]
+    purified = purify(denoiser, inputs, erase.prompts[:purify_samples], erasure.deltas)
+    images["purify_in"], images["purify_out"] = inputs, purified.cpu()
+    purified_concept = judge.classify(images["purify_out"])[head]
+
+    metrics = {
+        "erase_acc_before": fraction(erase_before[head] == concept.index),
+        "erase_acc_after": fraction(erase_after[head] == concept.index),
+        "into_acc_after": fraction(erase_after[head] == into.index) if into else None,
+        "layout_iou": round(float(mask_iou(masks_before, masks_after).mean()), 4),
+        "layout_iou_ceiling": outline_iou_ceiling(concept, into),
+        "layout_box_iou": round(float(box_iou(masks_before, masks_after).mean()), 4),
+        "color_kept": fraction(erase_after[1] == erase.wanted("color")) if concept.kind == "shape" else None,
+        "preserve_acc_before": fraction(preserve_before == wanted),
+        "preserve_acc_after": fraction(preserve_after == wanted),
+        "preserve_pixel_drift": round(float((images["preserve_after"] - images["preserve_before"]).abs().mean()), 4),
+        "uncond_pixel_drift": round(float((images["uncond_after"] - images["uncond_before"]).abs().mean()), 4),
+        "purify_removed": fraction(purified_concept != concept.index),
+        "purify_layout_iou": round(float(mask_iou(foreground_mask(inputs), foreground_mask(purified.cpu())).mean()), 4),
+    }
+    return metrics, images
+
+
+def run_bench(
+    denoiser: Denoiser,
+    judge: Judge,
+    config: EraseConfig,
+    samples: int = 72,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Erase ``config.erase[0]`` from the built-in model and judge it."""
+    concept = Concept.parse(config.erase[0])
+    into = Concept.parse(config.into[0]) if config.into and config.into[0] else None
+    if into is not None and into.kind != concept.kind:
+        raise ValueError("erase a shape into a shape, or a color into a color")
+    started = time.perf_counter()
+    erasure = erase_concept(denoiser, config)
+    seconds = time.perf_counter() - started
+    metrics, images = judge_erasure(denoiser, judge, erasure, concept, into, samples, seed=10_000 + config.seed)
+    result = {
+        "method": config.method,
+        "steps": config.steps,
+        "erase": config.erase[0],
+        "into": config.into[0] if config.into else None,
+        "preserve": config.preserve,
+        "train": config.train,
+        "lr": config.lr,
+        "seconds": round(seconds, 1),
+        **metrics,
+    }
+    return result, images
+
+
+def bench_grid(images: dict[str, torch.Tensor], columns: int = 8):
+    """Original above erased for the first erase-prompt and preserve-prompt samples."""
+    rows = ["erase", "preserve", "uncond"]
+    before = torch.stack([images[f"{r}_before"][:columns] for r in rows])
+    after = torch.stack([images[f"{r}_after"][:columns] for r in rows])
+    return grid_image(["erase prompts", "other concepts", "empty prompt"], before, after)
+
+
+TABLE_KEYS = (
+    "erase_acc_before",
+    "erase_acc_after",
+    "into_acc_after",
+    "layout_iou",
+    "layout_iou_ceiling",
+    "layout_box_iou",
+    "color_kept",
+    "preserve_acc_before",
+    "preserve_acc_after",
+    "preserve_pixel_drift",
+    "uncond_pixel_drift",
+    "purify_removed",
+    "purify_layout_iou",
+    "seconds",
+)
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """A markdown table, one row per (concept, method)."""
+    header = "| erase | into | method | " + " | ".join(TABLE_KEYS) + " |"
+    lines = [header, "|" + "---|" * (3 + len(TABLE_KEYS))]
+    for row in rows:
+        cells = [row["erase"], row["into"] or "-", row["method"]]
+        cells += [
+            "-" if row[k] is None else f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in TABLE_KEYS
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

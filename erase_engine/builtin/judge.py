@@ -1,0 +1,150 @@
+"""The judge: a small classifier (shape and color heads) for the built-in model's
+images, and a foreground mask for layout comparisons.
+
+    python -m erase_engine.builtin.judge   # trains it on fresh renders, prints held-out accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .render import BACKGROUNDS, COLORS, SHAPES, Scenes, render
+
+WEIGHTS = Path(__file__).with_name("judge.safetensors")
+
+
+class Judge(nn.Module):
+    """Images [B, 3, 32, 32] in [0, 1] -> (shape logits [B, 6], color logits [B, 6])."""
+
+    def __init__(self, width: int = 48):
+        super().__init__()
+        layers, channels = [], 3
+        for out, stride in ((width, 1), (width, 2), (2 * width, 2), (2 * width, 2)):
+            layers += [nn.Conv2d(channels, out, 3, stride, 1), nn.GroupNorm(8, out), nn.SiLU()]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.shape_head = nn.Linear(channels, len(SHAPES))
+        self.color_head = nn.Linear(channels, len(COLORS))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(images * 2 - 1).mean(dim=(2, 3))
+        return self.shape_head(features), self.color_head(features)
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, color = self(images.float())
+        return shape.argmax(1), color.argmax(1)
+
+
+def load_judge(path: Path = WEIGHTS) -> Judge:
+    from safetensors.torch import load_file
+
+    judge = Judge()
+    judge.load_state_dict(load_file(path))
+    return judge.eval().requires_grad_(False)
+
+
+def foreground_mask(images: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """[B, H, W] booleans: pixels whose color is far from the background, taken as
+    the median color of the image's border."""
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]
+    return (images - background).abs().amax(dim=1) > threshold
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU per image of two mask batches (1 where both are empty)."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def _boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Bounding boxes [B, 4] (top, left, bottom, right) of masks [B, H, W]; empty: no area."""
+    height, width = masks.shape[1:]
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+    r, c = torch.arange(height), torch.arange(width)
+    top, bottom = torch.where(rows, r, height).amin(1), torch.where(rows, r + 1, 0).amax(1)
+    left, right = torch.where(cols, c, width).amin(1), torch.where(cols, c + 1, 0).amax(1)
+    return torch.stack([top, left, bottom, right], dim=1)
+
+
+def _area(boxes: torch.Tensor) -> torch.Tensor:
+    return ((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)).float()
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU per image of the bounding boxes of two mask batches: where the object is and
+    how large, whatever its outline (1 where both are empty)."""
+    box_a, box_b = _boxes(a), _boxes(b)
+    inter = _area(torch.cat([torch.maximum(box_a[:, :2], box_b[:, :2]), torch.minimum(box_a[:, 2:], box_b[:, 2:])], 1))
+    union = _area(box_a) + _area(box_b) - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Make renders look like a small diffusion model's samples: blur, noise, color shifts."""
+    n = len(images)
+    blur = torch.rand(n, generator=generator) < 0.5
+    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    images = torch.where(blur[:, None, None, None], blurred, images)
+    shift = (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.12
+    noise = torch.randn(images.shape, generator=generator) * 0.04 * torch.rand(n, 1, 1, 1, generator=generator)
+    return (images + shift + noise).clamp(0, 1)
+
+
+def accuracy(judge: Judge, count: int, seed: int) -> dict[str, float]:
+    """Held-out accuracy on fresh renders (clean and degraded) from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    scenes = Scenes.random(count, generator)
+    images = render(scenes)
+    result = {}
+    for name, batch in (("clean", images), ("degraded", degrade(images, generator))):
+        shape, color = judge.classify(batch)
+        result[f"shape_{name}"] = float((shape == scenes.shape).float().mean())
+        result[f"color_{name}"] = float((color == scenes.color).float().mean())
+    return result
+
+
+def train(steps: int, batch: int, seed: int) -> Judge:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    judge = Judge()
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    started = time.perf_counter()
+    for step in range(steps):
+        scenes = Scenes.random(batch, generator)
+        shape, color = judge(degrade(render(scenes), generator))
+        loss = F.cross_entropy(shape, scenes.shape) + F.cross_entropy(color, scenes.color)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 200 == 0:
+            print(f"[{time.perf_counter() - started:5.0f}s] judge {step}/{steps} loss {loss.item():.4f}", flush=True)
+    return judge.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    args = parser.parse_args(argv)
+    judge = train(args.steps, args.batch, args.seed)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(args.out))
+    print({k: round(v, 4) for k, v in accuracy(judge, 4096, seed=10_000 + args.seed).items()})
+
+
+__all__ = ["BACKGROUNDS", "Judge", "accuracy", "foreground_mask", "load_judge", "mask_iou"]
+
+if __name__ == "__main__":
+    main()
