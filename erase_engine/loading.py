@@ -90,7 +90,7 @@ def detect_architecture(keys) -> str:
     raise ValueError("not a Stable Diffusion 1.x, 2.x or XL checkpoint (no known text encoder keys)")
 
 
-def _schedule(scheduler_config: dict, prediction_type: str) -> NoiseSchedule:
+def noise_schedule(scheduler_config: dict, prediction_type: str) -> NoiseSchedule:
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config({**scheduler_config, "prediction_type": prediction_type})
@@ -144,7 +144,7 @@ def build_from_configs(
         tokenizers.append(clip_tokenizer("<|endoftext|>" if layout == "clip" else "!"))
 
     scheduler_config = configs.get("scheduler", SCHEDULER)
-    schedule = _schedule(scheduler_config, prediction_type or configs["prediction_type"])
+    schedule = noise_schedule(scheduler_config, prediction_type or configs["prediction_type"])
     return DiffusersDenoiser(
         unet, vae, encoders, tokenizers, schedule, name, architecture, scheduler_config, source_file
     )
@@ -178,7 +178,7 @@ def load_diffusers_folder(path: Path, prediction_type: str | None = None) -> Dif
         architecture = "sd2" if encoders[0].config.hidden_act == "gelu" else "sd1"
     scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler", local_files_only=True))
     prediction_type = prediction_type or scheduler_config.get("prediction_type", "epsilon")
-    schedule = _schedule(scheduler_config, prediction_type)
+    schedule = noise_schedule(scheduler_config, prediction_type)
     return DiffusersDenoiser(unet, vae, encoders, tokenizers, schedule, path.name, architecture, scheduler_config)
 
 

@@ -36,6 +36,11 @@ class Scenes:
     def __len__(self) -> int:
         return len(self.shape)
 
+    def __getitem__(self, index) -> Scenes:
+        return Scenes(
+            self.shape[index], self.color[index], self.background[index], self.center[index], self.scale[index]
+        )
+
     @staticmethod
     def random(n: int, generator: torch.Generator, shape=None, color=None, background=None) -> Scenes:
         """Random scenes; ``shape``/``color``/``background`` (an index) fix that attribute."""

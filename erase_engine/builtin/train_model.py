@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from ..configs import SCHEDULER
 from ..diffusers_denoiser import DiffusersDenoiser
-from ..loading import CONFIG_METADATA_KEY, _schedule, clip_tokenizer
+from ..loading import CONFIG_METADATA_KEY, clip_tokenizer, noise_schedule
 from .render import IMAGE_SIZE, Scenes, captions, render
 
 WEIGHTS = Path(__file__).with_name("shapes.safetensors")
@@ -85,12 +86,16 @@ def encode_dataset(vae, count: int, device: str, generator: torch.Generator) -> 
     scenes = Scenes.random(count, generator)
     latents = []
     for start in range(0, count, 512):
-        part = Scenes(
-            *(getattr(scenes, f)[start : start + 512] for f in ("shape", "color", "background", "center", "scale"))
-        )
+        part = scenes[start : start + 512]
         latents.append(vae.encode(render(part).to(device) * 2 - 1).latent_dist.mean)
     latents = torch.cat(latents)
     return latents, scenes
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int = 200) -> float:
+    """Linear warm-up, then a cosine down to a tenth of the peak."""
+    progress = max(0.0, (step - warmup) / max(1, steps - warmup))
+    return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def train_unet(
@@ -101,23 +106,17 @@ def train_unet(
         text_encoder.to(device).train().requires_grad_(True),
     )
     tokenizer = clip_tokenizer()
-    schedule = _schedule(SCHEDULER, "epsilon")
+    schedule = noise_schedule(SCHEDULER, "epsilon")
     alphas = schedule.alphas_cumprod.float().to(device)
     params = [*unet.parameters(), *text_encoder.parameters()]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = 200
     started = time.perf_counter()
     for step in range(steps):
-        for group in optimizer.param_groups:  # linear warm-up, then cosine to 10 %
-            progress = max(0.0, (step - warmup) / max(1, steps - warmup))
-            group["lr"] = (
-                lr
-                * min(1.0, (step + 1) / warmup)
-                * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
-            )
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
         index = torch.randint(len(latents), (batch,), generator=generator)
-        part = Scenes(*(getattr(scenes, f)[index] for f in ("shape", "color", "background", "center", "scale")))
+        part = scenes[index]
         ids = tokenizer(
             captions(part, generator), padding="max_length", max_length=16, truncation=True, return_tensors="pt"
         ).input_ids
@@ -154,7 +153,7 @@ def export(vae, unet, text_encoder, scaling_factor: float, path: Path, note: dic
     unet, vae, text_encoder = (copy.deepcopy(m).cpu() for m in (unet, vae, text_encoder))
     vae.register_to_config(scaling_factor=scaling_factor)
     denoiser = DiffusersDenoiser(
-        unet, vae, [text_encoder], [clip_tokenizer()], _schedule(SCHEDULER, "epsilon"), "shapes", "sd1", SCHEDULER
+        unet, vae, [text_encoder], [clip_tokenizer()], noise_schedule(SCHEDULER, "epsilon"), "shapes", "sd1", SCHEDULER
     )
     state = {k: v.half() for k, v in denoiser.original_state_dict().items()}
     metadata = {
