@@ -204,6 +204,7 @@ def purify_main(argv: list[str]) -> int:
 
     from .deltas import WeightDeltas
     from .purify import purify
+    from .report import to_pil
 
     if not args.image.is_file():
         raise FileNotFoundError(f"no image at {args.image}")
@@ -215,8 +216,7 @@ def purify_main(argv: list[str]) -> int:
     image = Image.open(args.image).convert("RGB")
     pixels = torch.from_numpy(np.array(image.resize((size, size), Image.BICUBIC))).permute(2, 0, 1)[None] / 255
     result = purify(denoiser, pixels, [args.prompt], deltas, args.steps, args.strength)[0]
-    out = (result.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    Image.fromarray(out).resize(image.size, Image.BICUBIC).save(args.out)
+    to_pil(result.cpu()).resize(image.size, Image.BICUBIC).save(args.out)
     print(f"purified: {args.out}")
     return 0
 

@@ -36,7 +36,8 @@ def before_after_images(
     return images[0], images[1]
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """An image [3, H, W] in [0, 1] as a PIL image."""
     return Image.fromarray((image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
 
 
@@ -51,7 +52,7 @@ def grid_image(prompts: list[str], before: torch.Tensor, after: torch.Tensor) ->
             top = (2 * p + row) * size
             draw.text((4, top + 4), f"{prompt[:22]}\n{label}", fill="black")
             for s in range(seeds):
-                tile = _to_pil(images[p, s]).resize((size, size), Image.NEAREST)
+                tile = to_pil(images[p, s]).resize((size, size), Image.NEAREST)
                 grid.paste(tile, (LABEL_WIDTH + s * size, top))
     return grid
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -92,11 +92,9 @@ def outline_iou_ceiling(concept: Concept, into: Concept | None, count: int = 256
     source = foreground_mask(render(scenes))
     ious = []
     for other in others:
-        swapped = Scenes(
-            torch.full_like(scenes.shape, other), scenes.color, scenes.background, scenes.center, scenes.scale
-        )
+        swapped = replace(scenes, shape=torch.full_like(scenes.shape, other))
         ious.append(mask_iou(source, foreground_mask(render(swapped))).mean())
-    return round(float(torch.stack(ious).mean()), 4)
+    return average(torch.stack(ious))
 
 
 def generate(denoiser: Denoiser, prompts: list[str], seed: int, deltas=None, resolution=None) -> torch.Tensor:
@@ -112,7 +110,8 @@ def generate(denoiser: Denoiser, prompts: list[str], seed: int, deltas=None, res
     return denoiser.decode(latents).cpu()
 
 
-def fraction(values: torch.Tensor) -> float:
+def average(values: torch.Tensor) -> float:
+    """Mean of a tensor (booleans: the fraction true), to four places."""
     return round(float(values.float().mean()), 4)
 
 
@@ -147,19 +146,19 @@ def judge_erasure(
     purified_concept = judge.classify(images["purify_out"])[head]
 
     metrics = {
-        "erase_acc_before": fraction(erase_before[head] == concept.index),
-        "erase_acc_after": fraction(erase_after[head] == concept.index),
-        "into_acc_after": fraction(erase_after[head] == into.index) if into else None,
-        "layout_iou": round(float(mask_iou(masks_before, masks_after).mean()), 4),
+        "erase_acc_before": average(erase_before[head] == concept.index),
+        "erase_acc_after": average(erase_after[head] == concept.index),
+        "into_acc_after": average(erase_after[head] == into.index) if into else None,
+        "layout_iou": average(mask_iou(masks_before, masks_after)),
         "layout_iou_ceiling": outline_iou_ceiling(concept, into),
-        "layout_box_iou": round(float(box_iou(masks_before, masks_after).mean()), 4),
-        "color_kept": fraction(erase_after[1] == erase.wanted("color")) if concept.kind == "shape" else None,
-        "preserve_acc_before": fraction(preserve_before == wanted),
-        "preserve_acc_after": fraction(preserve_after == wanted),
-        "preserve_pixel_drift": round(float((images["preserve_after"] - images["preserve_before"]).abs().mean()), 4),
-        "uncond_pixel_drift": round(float((images["uncond_after"] - images["uncond_before"]).abs().mean()), 4),
-        "purify_removed": fraction(purified_concept != concept.index),
-        "purify_layout_iou": round(float(mask_iou(foreground_mask(inputs), foreground_mask(purified.cpu())).mean()), 4),
+        "layout_box_iou": average(box_iou(masks_before, masks_after)),
+        "color_kept": average(erase_after[1] == erase.wanted("color")) if concept.kind == "shape" else None,
+        "preserve_acc_before": average(preserve_before == wanted),
+        "preserve_acc_after": average(preserve_after == wanted),
+        "preserve_pixel_drift": average((images["preserve_after"] - images["preserve_before"]).abs()),
+        "uncond_pixel_drift": average((images["uncond_after"] - images["uncond_before"]).abs()),
+        "purify_removed": average(purified_concept != concept.index),
+        "purify_layout_iou": average(mask_iou(foreground_mask(inputs), foreground_mask(images["purify_out"]))),
     }
     return metrics, images
 

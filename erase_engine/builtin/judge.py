@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .render import BACKGROUNDS, COLORS, SHAPES, Scenes, render
+from .render import COLORS, SHAPES, Scenes, render
 
 WEIGHTS = Path(__file__).with_name("judge.safetensors")
 
@@ -143,8 +143,6 @@ def main(argv: list[str] | None = None) -> None:
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(args.out))
     print({k: round(v, 4) for k, v in accuracy(judge, 4096, seed=10_000 + args.seed).items()})
 
-
-__all__ = ["BACKGROUNDS", "Judge", "accuracy", "foreground_mask", "load_judge", "mask_iou"]
 
 if __name__ == "__main__":
     main()

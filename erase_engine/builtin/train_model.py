@@ -118,7 +118,11 @@ def train_unet(
         index = torch.randint(len(latents), (batch,), generator=generator)
         part = scenes[index]
         ids = tokenizer(
-            captions(part, generator), padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+            captions(part, generator),
+            padding="max_length",
+            max_length=text_encoder.config.max_position_embeddings,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         x0 = latents[index.to(latents.device)]
         noise = torch.randn(x0.shape, generator=generator).to(device)
