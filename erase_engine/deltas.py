@@ -128,6 +128,6 @@ class WeightDeltas(nn.Module):
         """``{unet parameter name: W + delta}`` for functional_call."""
         patched = {}
         for key, layer in self.layers.items():
-            weight = layer.module.weight
+            weight = layer.module.weight.detach()  # no gradient may reach the host's weights
             patched[layer.weight_name] = weight + self.delta(key).to(weight.dtype)
         return patched

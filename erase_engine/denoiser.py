@@ -7,6 +7,7 @@ engine (objective, trajectory cache, trainer, exports) only talks to this.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -106,6 +107,15 @@ class BaseModelInfo:
     name: str
     architecture: str  # "sd1", "sd2" or "sdxl"
     resolution: int  # native image size in pixels
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """A hash of a module's weights, for models that did not come from a file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Denoiser(ABC):

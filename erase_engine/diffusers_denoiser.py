@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import ldm_layout
-from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer
+from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer, weights_sha256
 
 # Where each architecture keeps its text encoders in a single-file checkpoint, and their layout.
 TEXT_ENCODER_LAYOUT = {
@@ -148,8 +148,4 @@ class DiffusersDenoiser(Denoiser):
         """The source file's sha256 (what A1111 shows), else a hash of the UNet weights."""
         if self.source_file is not None:
             return sha256_of_file(self.source_file)
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.unet.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return weights_sha256(self.unet)

@@ -126,8 +126,15 @@ def erasure_metadata(
     return metadata
 
 
-def write_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """Write atomically: a temporary file beside the target, renamed only when complete."""
+def write_safetensors(
+    state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str], overwrite: bool = True
+) -> Path:
+    """Write atomically: a temporary file beside the target, renamed only when complete.
+
+    With ``overwrite=False`` an existing file is kept and the new one gets the
+    first free name ``<stem>_2``, ``<stem>_3``, ... (claimed atomically, so two
+    writers never take the same name).  Returns the path written.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -143,11 +150,24 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata
     try:
         save_file(state, temporary, metadata=metadata)
         _sort_header(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            path = _link_to_free_name(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)  # after a link it is only a second name
     return path
+
+
+def _link_to_free_name(source: str, path: Path) -> Path:
+    candidate, number = path, 1
+    while True:
+        try:
+            os.link(source, candidate)  # fails if the name exists: no check-then-write race
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = path.with_name(f"{path.stem}_{number}{path.suffix}")
 
 
 def _sort_header(path: str) -> None:
@@ -166,19 +186,41 @@ def _sort_header(path: str) -> None:
         f.write(ordered.ljust(length, b" "))
 
 
-def save_lora(erasure: Erasure, denoiser: Denoiser, path: str | Path, svd_rank: int | None = None) -> Path:
+def save_lora(
+    erasure: Erasure, denoiser: Denoiser, path: str | Path, svd_rank: int | None = None, overwrite: bool = True
+) -> Path:
     state = lora_state_dict(erasure, svd_rank)
     rank = max(int(v.shape[0]) for k, v in state.items() if k.endswith("lora_down.weight"))
     alpha = erasure.deltas.alpha if erasure.deltas.is_lora else float(svd_rank)
     metadata = erasure_metadata(erasure, denoiser, Path(path).stem, lora=(rank, alpha))
-    return write_safetensors(state, path, metadata)
+    return write_safetensors(state, path, metadata, overwrite)
 
 
-def save_checkpoint(erasure: Erasure, denoiser: Denoiser, path: str | Path) -> Path:
+def save_checkpoint(erasure: Erasure, denoiser: Denoiser, path: str | Path, overwrite: bool = True) -> Path:
     from .loading import CONFIG_METADATA_KEY
 
     metadata = erasure_metadata(erasure, denoiser, Path(path).stem)
     configs = getattr(denoiser, "diffusers_configs", None)
     if configs is not None:  # lets this engine reload the file offline whatever its size
         metadata[CONFIG_METADATA_KEY] = json.dumps(configs(), sort_keys=True, default=str)
-    return write_safetensors(merged_state_dict(erasure, denoiser), path, metadata)
+    return write_safetensors(merged_state_dict(erasure, denoiser), path, metadata, overwrite)
+
+
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def model_file_path(folder: str | Path, name: str) -> Path:
+    """``folder/<name>.safetensors`` for a name a user typed, refused unless it stays inside ``folder``."""
+    stem = name.strip().removesuffix(".safetensors")
+    problem = None
+    if not stem:
+        problem = "it is empty"
+    elif any(c in "/\\:" for c in stem) or stem.startswith(".") or any(ord(c) < 32 for c in stem):
+        problem = "it holds a path separator, a colon, a control character or a leading dot"
+    elif stem.split(".")[0].lower() in WINDOWS_RESERVED:
+        problem = f"{stem.split('.')[0]!r} is a reserved file name on Windows"
+    elif len(stem.encode()) > 200:
+        problem = "it is longer than 200 bytes"
+    if problem:
+        raise ValueError(f"the output name {name!r} cannot be used: {problem}")
+    return Path(folder) / f"{stem}.safetensors"

@@ -132,3 +132,57 @@ def test_lora_file_loads_back_as_deltas(tiny_denoiser, tmp_path):
         )
     with pytest.raises(ValueError, match="match no layer"):
         WeightDeltas.from_lora(tiny_denoiser.unet_layers(), {"lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1)})
+
+
+def test_keep_existing_gives_the_next_free_name_and_never_overwrites(tiny_denoiser, tmp_path):
+    erasure = erase_tiny(tiny_denoiser, lora_rank=2, steps=1)
+    target = tmp_path / "erased.safetensors"
+    target.write_bytes(b"the user's own file")
+    first = save_lora(erasure, tiny_denoiser, target, overwrite=False)
+    second = save_lora(erasure, tiny_denoiser, target, overwrite=False)
+    assert (first.name, second.name) == ("erased_2.safetensors", "erased_3.safetensors")
+    assert target.read_bytes() == b"the user's own file"
+    assert first.read_bytes() == second.read_bytes() and load_file(first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "erased.safetensors",
+        "erased_2.safetensors",
+        "erased_3.safetensors",
+    ]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("../outside", "separator"),
+        ("/etc/passwd", "separator"),
+        ("sub\\dir", "separator"),
+        ("C:evil", "colon"),
+        ("..", "leading dot"),
+        (".hidden", "leading dot"),
+        ("bad\0name", "control"),
+        ("line\nbreak", "control"),
+        ("CON", "reserved"),
+        ("lpt1.backup", "reserved"),
+        ("x" * 201, "longer than 200"),
+    ],
+)
+def test_output_names_cannot_leave_the_model_folder(tmp_path, name, problem):
+    from erase_engine.export import model_file_path
+
+    with pytest.raises(ValueError, match=problem):
+        model_file_path(tmp_path, name)
+
+
+def test_plain_output_names_stay_in_the_folder(tmp_path):
+    from erase_engine.export import model_file_path
+
+    for name, expected in [
+        ("van gogh", "van gogh.safetensors"),
+        ("a.b.safetensors", "a.b.safetensors"),
+        ("Kunstwerk-ü", "Kunstwerk-ü.safetensors"),
+        ("console", "console.safetensors"),
+    ]:
+        path = model_file_path(tmp_path, name)
+        assert path == tmp_path / expected and path.resolve().parent == tmp_path.resolve()

@@ -1,0 +1,170 @@
+"""The denoiser adapter for ComfyUI: a MODEL (ModelPatcher), a CLIP and optionally a VAE.
+
+Only importable inside a ComfyUI process.  ComfyUI's ``apply_model`` takes a
+sigma and returns the denoised x0; the engine speaks discrete timesteps and the
+model's own output (eps or v), so this adapter converts both ways through the
+model's ``model_sampling``.  Nothing the host owns is modified: the student's
+weights are swapped in with ``functional_call``, and the frozen weights (created
+under ``torch.inference_mode`` by ComfyUI) are seen through normal-tensor aliases
+of the same memory so that autograd can save them.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import comfy.model_management
+import comfy.model_sampling
+import torch
+from torch import nn
+
+from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer, weights_sha256
+
+# ComfyUI's model config class -> (our architecture name, native resolution for eps, for v)
+SUPPORTED = {"SD15": ("sd1", 512, 512), "SD20": ("sd2", 512, 768), "SDXL": ("sdxl", 1024, 1024)}
+PREDICTION = {comfy.model_sampling.EPS: "epsilon", comfy.model_sampling.V_PREDICTION: "v_prediction"}
+
+
+class ApplyModel(nn.Module):
+    """``forward`` is ComfyUI's ``apply_model``; parameter names are the single-file
+    ones (``model.diffusion_model.…``), so ``functional_call`` can swap them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **conds) -> torch.Tensor:
+        return self.model.apply_model(x, sigma, transformer_options={}, **conds)
+
+
+def normal_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over the same memory as ``tensor`` (which may be an inference tensor)."""
+    with torch.inference_mode(False):
+        alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
+def model_architecture(patcher) -> tuple[str, str, int]:
+    """(architecture, prediction type, native resolution), or a clear error for other models."""
+    config_name = type(patcher.model.model_config).__name__
+    sampling = patcher.get_model_object("model_sampling")
+    bases = type(sampling).__bases__
+    prediction = next((PREDICTION[b] for b in bases if b in PREDICTION), None)
+    if config_name not in SUPPORTED or comfy.model_sampling.ModelSamplingDiscrete not in bases or prediction is None:
+        raise ValueError(
+            f"concept erasing supports SD1.x, SD2.x and SDXL models with a discrete eps or v schedule; "
+            f"this MODEL is {config_name} with {type(sampling).__name__} sampling"
+        )
+    architecture, eps_size, v_size = SUPPORTED[config_name]
+    return architecture, prediction, v_size if prediction == "v_prediction" else eps_size
+
+
+class ComfyDenoiser(Denoiser):
+    def __init__(self, model, clip, vae=None):
+        architecture, prediction, resolution = model_architecture(model)
+        self.patcher, self.clip, self.vae = model, clip, vae
+        self.base = model.model
+        self.unet = ApplyModel(self.base)
+        self.sampling = model.get_model_object("model_sampling")
+        sigmas = self.sampling.sigmas.detach().double().cpu()
+        self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2), prediction)
+        self.latent_channels = self.base.latent_format.latent_channels
+        self.vae_scale_factor = 8
+        name = f"ComfyUI {type(self.base.model_config).__name__} model"
+        self.info = BaseModelInfo(name, architecture, resolution)
+        self._aliases: dict[str, torch.Tensor] = {}
+        self._aliased: tuple[int, ...] = ()
+        self._load()
+
+    def _load(self) -> None:
+        """Put the UNet (with any patches the MODEL carries) on its device, as a KSampler would."""
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.diffusion_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.manual_cast_dtype or self.base.get_dtype()
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        contexts, pooled = [], []
+        for prompt in prompts:
+            out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
+            contexts.append(out["cond"])
+            pooled.append(out["pooled_output"])
+        self._load()  # the text encoder may have pushed the UNet off the device
+        # Prompts over 75 tokens give longer contexts; repeat each to a common length, as ComfyUI batches them.
+        length = math.lcm(*(c.shape[1] for c in contexts))
+        context = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in contexts]).to(self.device)
+        if self.info.architecture != "sdxl":
+            return Conditioning(context)
+        size = self.info.resolution
+        y = self.base.encode_adm(pooled_output=torch.cat(pooled), width=size, height=size)
+        return Conditioning(context, {"y": y.to(self.device)})
+
+    def _frozen_weights(self) -> dict[str, torch.Tensor]:
+        """Normal-tensor aliases of every UNet parameter, rebuilt if ComfyUI swapped any."""
+        named = dict(self.unet.named_parameters())
+        key = tuple(p.data_ptr() for p in named.values())
+        if key != self._aliased:
+            self._aliases = {name: normal_alias(p.detach()) for name, p in named.items()}
+            self._aliased = key
+        return self._aliases
+
+    def _predict(self, x_t, t, cond, weights):
+        if weights:  # the student: autograd must be able to save every weight it meets
+            weights = {**self._frozen_weights(), **weights}
+        sigma = self.sampling.sigma(t.to(self.sampling.sigmas.device)).to(x_t.device, torch.float32)
+        scale = (1 + sigma**2).sqrt().reshape(-1, 1, 1, 1)
+        x_in = x_t.float() * scale  # VP latents -> ComfyUI's x0 + sigma * eps
+        conds = {"c_crossattn": cond.context, **cond.extras}
+        x0 = self.call_unet(weights, x_in, sigma, **conds)
+        eps = (x_in - x0) / sigma.reshape(-1, 1, 1, 1)
+        if self.schedule.prediction_type == "epsilon":
+            return eps.to(x_t.dtype)
+        v = (eps - sigma.reshape(-1, 1, 1, 1) * x0) / scale  # v = sqrt(a) eps - sqrt(1 - a) x0
+        return v.to(x_t.dtype)
+
+    def unet_layers(self) -> list[UNetLayer]:
+        return [
+            UNetLayer(name, f"model.diffusion_model.{name}.weight", module)
+            for name, module in self.base.diffusion_model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))
+        ]
+
+    def _vae(self):
+        if self.vae is None:
+            raise ValueError("connect a VAE: images are decoded and encoded with it")
+        return self.vae
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:  # ComfyUI's own rough preview: a linear map of the latent channels
+            fmt = self.base.latent_format
+            factors = torch.tensor(fmt.latent_rgb_factors, device=latents.device).T
+            bias = fmt.latent_rgb_factors_bias
+            bias = torch.tensor(bias, device=latents.device) if bias else None
+            rgb = torch.nn.functional.linear(latents.float().movedim(1, -1), factors, bias).movedim(-1, 1)
+            return torch.nn.functional.interpolate((rgb + 1) / 2, scale_factor=self.vae_scale_factor).clamp(0, 1)
+        images = self._vae().decode(self.base.process_latent_out(latents.float()))
+        self._load()
+        return images.reshape(-1, *images.shape[-3:]).movedim(-1, 1).float().clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        latents = self._vae().encode(images.movedim(1, -1)[..., :3].cpu())
+        self._load()
+        return self.base.process_latent_in(latents).to(self.device)
+
+    def original_state_dict(self) -> dict[str, torch.Tensor]:
+        """What ComfyUI's own checkpoint save writes (the MODEL's patches applied)."""
+        loaded = [self.patcher, self.clip.load_model()]
+        comfy.model_management.load_models_gpu(loaded, force_patch_weights=True, force_full_load=True)
+        return self.base.state_dict_for_saving(self.clip.get_sd(), self._vae().get_sd(), None)
+
+    @cached_property
+    def sha256(self) -> str:
+        return weights_sha256(self.base.diffusion_model)

@@ -1,0 +1,306 @@
+"""The node pack inside a real, headless ComfyUI server (CPU), driven over its HTTP API.
+
+Needs a ComfyUI checkout: ``COMFYUI_DIR=/path/to/ComfyUI`` (and ``COMFYUI_PYTHON``
+if ComfyUI runs in another environment).  README, "Developing", gives the recipe.
+The examples in ``examples/api`` run as shipped, shrunk to an 8x8 latent and a
+few steps so that a full-size SD1.5 (random weights) finishes in minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(
+        not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the real-server test (README: Developing)"
+    ),
+]
+CHECKPOINT = "random-sd15.safetensors"
+SMALL = {  # class_type -> inputs that make the shipped examples fast on a CPU
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 3},
+    "AllButOneEraseConcept": {"steps": 3, "trajectories": 1, "sampler_steps": 3, "resolution": 64},
+    "AllButOnePurifyImage": {"steps": 3},
+    "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
+    "LoadImage": {"image": "example.png"},
+}
+
+
+MAKE_CHECKPOINT = """
+import sys, torch
+from safetensors.torch import save_file
+from erase_engine.configs import STANDARD
+from erase_engine.loading import build_from_configs
+architecture, path = sys.argv[1:]
+torch.manual_seed(0)
+torch.set_default_dtype(torch.float16)  # as released files are
+state = build_from_configs(STANDARD[architecture], architecture, "random").original_state_dict()
+if architecture == "sd2":  # ComfyUI tells SD2-v from SD2-base by this bias's spread (trained: > 0.09)
+    key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    state[key] = torch.randn(state[key].shape).mul(0.2)
+save_file({k: v.half().contiguous() for k, v in state.items()}, path)
+"""
+
+
+class Server:
+    def __init__(self, base: Path, port: int, log: Path):
+        self.base, self.url, self.log = base, f"http://127.0.0.1:{port}", log
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict | None = None):
+        data = json.dumps(body or {}).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def queue(self, workflow: dict) -> str:
+        return self.post("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 900) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry["status"].get("completed") is not None and entry["status"]["status_str"] != "":
+                return entry
+            time.sleep(1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish; server log:\n{self.log_text()[-3000:]}")
+
+    def run(self, workflow: dict) -> dict:
+        entry = self.wait(self.queue(workflow))
+        assert entry["status"]["status_str"] == "success", (entry["status"], self.log_text()[-4000:])
+        return entry["outputs"]
+
+    def listed(self, node: str, field: str) -> list[str]:
+        return self.get(f"/object_info/{node}")[node]["input"]["required"][field][0]
+
+
+def example(name: str, **overrides: dict) -> dict:
+    workflow = json.loads((ROOT / "examples" / "api" / f"{name}.json").read_text())
+    for node in workflow.values():
+        node["inputs"].update(SMALL.get(node["class_type"], {}))
+        node["inputs"].update(overrides.get(node["class_type"], {}))
+    return workflow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(base: Path, architecture: str, checkpoint: str, *options: str):
+    """ComfyUI on the CPU in ``base`` (models, input, output), the pack linked in, one random checkpoint."""
+    for folder in ("models/checkpoints", "models/loras", "input", "output", "custom_nodes", "user"):
+        (base / folder).mkdir(parents=True)
+    (base / "custom_nodes" / "concept-erasing").symlink_to(ROOT, target_is_directory=True)
+    # Built in a child process so that its memory (13 GB for SDXL in fp32) is back before ComfyUI starts.
+    subprocess.run(
+        [sys.executable, "-c", MAKE_CHECKPOINT, architecture, str(base / "models/checkpoints" / checkpoint)],
+        check=True,
+        cwd=ROOT,
+    )
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(base / "input" / "example.png")
+
+    port, log = free_port(), base / "server.log"
+    command = [
+        os.environ.get("COMFYUI_PYTHON", sys.executable),
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base),
+        "--disable-auto-launch",
+        "--database-url",
+        "sqlite:///:memory:",
+        *options,
+    ]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(base, port, log)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                server.get("/object_info/AllButOneEraseConcept")
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not start with the pack:\n{server.log_text()[-4000:]}")
+                time.sleep(2)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from start_server(tmp_path_factory.mktemp("comfyui"), "sd1", CHECKPOINT)
+
+
+def image_array(server: Server, outputs: dict, node: str) -> np.ndarray:
+    item = outputs[node]["images"][0]
+    folder = server.base / ("output" if item["type"] == "output" else "temp")
+    return np.asarray(Image.open(folder / item["subfolder"] / item["filename"]).convert("RGB"), dtype=np.int16)
+
+
+def test_pack_registers_its_nodes(server):
+    info = server.get("/object_info")
+    names = {k: v["display_name"] for k, v in info.items() if k.startswith("AllButOne")}
+    assert names == {
+        "AllButOneEraseConcept": "Erase Concept",
+        "AllButOneSaveErasedLoRA": "Save Erased LoRA",
+        "AllButOneSaveErasedCheckpoint": "Save Erased Checkpoint",
+        "AllButOnePurifyImage": "Purify Image",
+    }
+    assert all(info[k]["category"] == "concept erasing" for k in names)
+
+
+def test_a_erase_then_sample_same_seed_and_the_loaded_model_is_untouched(server):
+    outputs = server.run(example("a_erase_and_compare"))
+    before, after = image_array(server, outputs, "10"), image_array(server, outputs, "11")
+    assert before.shape == after.shape == (64, 64, 3)
+    assert np.abs(before - after).max() > 0  # the erased MODEL samples differently at the same seed
+    preview = image_array(server, outputs, "12")
+    assert preview.shape[0] == 2 * 3 * 64  # rows: 3 prompts (erase + 2 preserve), before and after
+
+    # The MODEL that came in (ComfyUI's cached loader output, same node id) saved by the stock node.
+    saved = server.run(
+        {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+            "2": {
+                "class_type": "CheckpointSave",
+                "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "filename_prefix": "checkpoints/base"},
+            },
+        }
+    )
+    assert saved is not None
+    original = load_file(server.base / "models" / "checkpoints" / CHECKPOINT)
+    (written,) = (server.base / "output" / "checkpoints").glob("base*.safetensors")
+    after_erasure = load_file(written)
+    unet = [k for k in original if k.startswith("model.diffusion_model.")]
+    assert len(unet) == 686
+    for key in unet:  # loaded from fp16, held in fp32 on the CPU: bit-identical after the upcast
+        assert torch.equal(after_erasure[key], original[key].to(after_erasure[key].dtype)), key
+
+    again = server.run(example("a_erase_and_compare"))  # cached erasure, sampled again: same pictures
+    assert np.array_equal(image_array(server, again, "10"), before)
+
+
+def test_b_save_lora_and_checkpoint_then_c_stock_loaders_use_them(server):
+    outputs = server.run(example("b_erase_and_save"))
+    lora_name = Path(outputs["20"]["text"][0]).name
+    checkpoint_name = Path(outputs["21"]["text"][0]).name
+    lora_path = server.base / "models" / "loras" / lora_name
+    with safe_open(lora_path, "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    modules = {k.rsplit(".", 2)[0] for k in keys if k.endswith("lora_down.weight")}
+    assert len(modules) == 64  # SD1.5: 16 transformer blocks x attn2.{to_q, to_k, to_v, to_out.0}
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert keys == {f"{m}.{s}" for m in modules for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert json.loads(metadata["erasure.erase"]) == ["Van Gogh"] and metadata["ss_network_dim"] == "4"
+    assert lora_name in server.listed("LoraLoader", "lora_name")  # no restart needed
+    assert checkpoint_name in server.listed("CheckpointLoaderSimple", "ckpt_name")
+    assert not list(server.base.rglob("*.partial"))
+
+    log_before = len(server.log_text())
+    lora_out = server.run(example("c_load_erased_lora", LoraLoader={"lora_name": lora_name}))
+    log = server.log_text()[log_before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log
+    # The stock LoraLoader reproduces the erased MODEL of Erase Concept: same seed, same picture.
+    erased = server.run(example("a_erase_and_compare"))
+    difference = np.abs(image_array(server, lora_out, "10") - image_array(server, erased, "11"))
+    assert difference.max() <= 2, difference.max()
+
+    # The stock checkpoint loader loads the erased checkpoint; it samples what the erased MODEL samples.
+    merged = server.run(
+        example(
+            "c_load_erased_lora",
+            LoraLoader={"lora_name": lora_name, "strength_model": 0.0, "strength_clip": 0.0},
+            CheckpointLoaderSimple={"ckpt_name": checkpoint_name},
+        )
+    )
+    difference = np.abs(image_array(server, merged, "10") - image_array(server, erased, "11"))
+    assert difference.max() <= 2, difference.max()
+
+    # Saving again never overwrites: the second file gets a counter suffix.
+    again = server.run(example("b_erase_and_save"))
+    assert Path(again["20"]["text"][0]).name == lora_name.replace(".safetensors", "_2.safetensors")
+
+
+def test_d_purify_an_image(server):
+    outputs = server.run(example("d_purify_image"))
+    purified = image_array(server, outputs, "42")
+    original = np.asarray(Image.open(server.base / "input" / "example.png"), dtype=np.int16)
+    assert purified.shape == original.shape
+    assert np.abs(purified - original).mean() > 1  # regenerated, not passed through
+
+
+def test_cancel_mid_erasure_writes_nothing_and_leaves_the_model_alone(server):
+    loras = set((server.base / "models" / "loras").iterdir())
+    workflow = example("b_erase_and_save", AllButOneEraseConcept={"steps": 500, "seed": 7})
+    prompt_id = server.queue(workflow)
+    deadline = time.monotonic() + 300
+    while not server.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(30)  # into the training loop (3 sampler steps, then ~5 s per training step)
+    server.post("/interrupt")
+    entry = server.wait(prompt_id)
+    assert entry["status"]["status_str"] == "error"
+    assert any(message[0] == "execution_interrupted" for message in entry["status"]["messages"])
+    assert set((server.base / "models" / "loras").iterdir()) == loras
+    assert not list(server.base.rglob("*.partial"))
+    server.run(example("a_erase_and_compare"))  # the server and its models still work
+
+
+@pytest.mark.parametrize("architecture", ["sd2", "sdxl"])
+def test_sd2_v_and_sdxl_erase_save_and_load(tmp_path, architecture):
+    """The other families end to end on full-size random weights: erase, sample, save, LoraLoader."""
+    checkpoint = f"random-{architecture}.safetensors"
+    options = ["--bf16-unet"] if architecture == "sdxl" else []  # 5 GB instead of 10 on a 24 GB machine
+    for server in start_server(tmp_path, architecture, checkpoint, *options):
+        model = {"CheckpointLoaderSimple": {"ckpt_name": checkpoint}}
+        outputs = server.run(example("a_erase_and_compare", AllButOneEraseConcept={"steps": 2}, **model))
+        assert np.abs(image_array(server, outputs, "10") - image_array(server, outputs, "11")).max() > 0
+        saved = server.run({k: v for k, v in example("b_erase_and_save", **model).items() if k != "21"})
+        lora_name = Path(saved["20"]["text"][0]).name
+        log_before = len(server.log_text())
+        server.run(example("c_load_erased_lora", LoraLoader={"lora_name": lora_name}, **model))
+        log = server.log_text()[log_before:]
+        assert "lora key not loaded" not in log and "NOT LOADED" not in log, log
+        with safe_open(server.base / "models" / "loras" / lora_name, "pt") as f:
+            assert json.loads(f.metadata()["erasure.erase"]) == ["Van Gogh"]
+            modelspec = f.metadata()["modelspec.architecture"]
+        assert (
+            modelspec
+            == {"sd2": "stable-diffusion-v2-768-v/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[architecture]
+        )
