@@ -1,6 +1,6 @@
 """Surgical concept erasing for Stable Diffusion ("All but One", AAAI 2024)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the same as pyproject.toml's (the Comfy Registry reads it there)
 
 from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer  # noqa: E402
 from .export import lora_state_dict, save_checkpoint, save_lora  # noqa: E402

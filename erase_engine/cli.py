@@ -3,6 +3,7 @@
 erase-concept [--model PATH] --erase TEXT ...     erase, save a LoRA / checkpoint / report
 erase-concept bench --erase TEXT ... | --compare  measure an erasure on builtin:shapes
 erase-concept purify --lora FILE --image IN.png --prompt TEXT --out OUT.png
+erase-concept ui [--port N] [--model PATH] [--folder DIR]   the web interface on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def erase_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="erase-concept",
         description="Erase a concept from a Stable Diffusion model and save a LoRA and/or a checkpoint.",
-        epilog="Other commands: `erase-concept bench --help`, `erase-concept purify --help`.",
+        epilog="Other commands: erase-concept bench / purify / ui (each with --help).",
     )
     parser.add_argument("--model", default=BUILTIN, help=f"diffusers folder, .safetensors/.ckpt file or {BUILTIN}")
     add_erasure_arguments(parser, steps=200, lr=1e-4)
@@ -221,7 +222,23 @@ def purify_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"bench": bench_main, "purify": purify_main}
+def ui_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="erase-concept ui", description="The web interface, on 127.0.0.1 only.")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--model", default=BUILTIN, help=f"the model selected at start (default {BUILTIN})")
+    parser.add_argument("--folder", default=".", help="where LoRAs and checkpoints are saved (default: here)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if not Path(args.folder).is_dir():
+        parser.error(f"--folder: {args.folder} is not a folder")
+
+    from .ui import launch
+
+    launch(args.port, args.model, args.folder, args.device)
+    return 0
+
+
+COMMANDS = {"bench": bench_main, "purify": purify_main, "ui": ui_main}
 
 
 def main(argv: list[str] | None = None) -> int:

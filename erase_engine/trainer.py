@@ -14,6 +14,8 @@ from .denoiser import Conditioning, Denoiser
 from .objective import Objective, erase_target, make_objective, surgery_loss
 from .sampling import TrajectoryCache
 
+PRESET_VALUE = -1.0  # a form's eta / lambda_u / lambda_p left at this takes the method's preset value
+
 
 class ErasureCancelled(Exception):
     """Raised when the host asks to stop; nothing has been written."""
@@ -69,6 +71,26 @@ class EraseConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_form(
+        cls, erase: str, alternative: str, preserve: str, rank: int, resolution: int, **values
+    ) -> EraseConfig:
+        """A config from the fields of a host's form (node inputs, the web interface): one concept,
+        an optional alternative, preserve prompts one per line, rank 0 = full rank, resolution 0 =
+        the model's, and eta / lambda_u / lambda_p at ``PRESET_VALUE`` = the method's preset."""
+        coefficients = {k: float(values.pop(k)) for k in ("eta", "lambda_u", "lambda_p") if k in values}
+        config = cls(
+            erase=[erase],
+            into=[alternative] if alternative.strip() else [],
+            preserve=preserve.splitlines(),
+            lora_rank=int(rank) or None,
+            resolution=int(resolution) or None,
+            **{k: v for k, v in coefficients.items() if v != PRESET_VALUE},
+            **values,
+        )
+        config.objective()  # a bad combination of method and alternative fails here, before any work
+        return config
 
 
 @dataclass

@@ -17,11 +17,10 @@ from ..erase_engine.export import lora_state_dict, model_file_path, save_checkpo
 from ..erase_engine.objective import PRESETS
 from ..erase_engine.purify import purify
 from ..erase_engine.report import before_after_images, grid_image
-from ..erase_engine.trainer import EraseConfig, Erasure, erase_concept
+from ..erase_engine.trainer import PRESET_VALUE, EraseConfig, Erasure, erase_concept
 
 CATEGORY = "concept erasing"
 ATTACHMENT = "concept_erasure"  # the ERASURE rides on the erased MODEL too, for Purify Image
-PRESET_VALUE = -1.0  # an advanced coefficient left at this takes the method's preset value
 
 
 @dataclass
@@ -75,7 +74,7 @@ class EraseConcept:
                 "lora_rank": ("INT", {"default": 4, "min": 0, "max": 256, "tooltip": "0: full-rank deltas."}),
                 "steps": ("INT", {"default": 200, "min": 1, "max": 100000}),
                 "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": 1e-7}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
             },
             "optional": {
                 "vae": ("VAE", {"tooltip": "Decodes the preview (without it, a rough latent preview)."}),
@@ -121,24 +120,24 @@ class EraseConcept:
         sampler_cfg=3.0,
         resolution=0,
     ):
-        coefficients = {"eta": eta, "lambda_u": lambda_u, "lambda_p": lambda_p}
-        config = EraseConfig(
-            erase=[erase],
-            into=[alternative] if alternative.strip() else [],
-            preserve=preserve.splitlines(),
+        config = EraseConfig.from_form(
+            erase,
+            alternative,
+            preserve,
+            lora_rank,
+            resolution,
             method=method,
             train=trainable,
-            lora_rank=lora_rank or None,
             steps=steps,
             lr=learning_rate,
             seed=seed,
+            eta=eta,
+            lambda_u=lambda_u,
+            lambda_p=lambda_p,
             trajectories=trajectories,
             sampler_steps=sampler_steps,
             sampler_cfg=sampler_cfg,
-            resolution=resolution or None,
-            **{k: v for k, v in coefficients.items() if v != PRESET_VALUE},
         )
-        config.objective()  # a bad combination fails before any work
         bar = comfy.utils.ProgressBar(steps)
 
         def progress(step: int, total: int, losses: dict[str, float]) -> None:

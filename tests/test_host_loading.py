@@ -21,3 +21,18 @@ def test_pack_folder_imports_as_a_package_by_path():
     finally:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]
+
+
+def test_registry_metadata_and_minimal_requirements():
+    import tomllib
+
+    import erase_engine
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["version"] == erase_engine.__version__  # the registry reads pyproject's
+    assert {"PublisherId", "DisplayName", "Icon"} <= project["tool"]["comfy"].keys()
+    assert (ROOT / "docs" / "icon.png").is_file() and project["tool"]["comfy"]["Icon"].endswith("docs/icon.png")
+    assert "Repository" in project["project"]["urls"]
+    requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    names = {r.split(">")[0].split("<")[0].split("=")[0].strip().lower() for r in requirements if r}
+    assert names and not names & {"torch", "torchvision", "gradio"}  # the hosts bring their own

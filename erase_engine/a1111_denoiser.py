@@ -1,0 +1,120 @@
+"""The denoiser adapter for Automatic1111's own model object: an ldm ``LatentDiffusion``
+(SD1.x, SD2.x eps or v) or an sgm ``DiffusionEngine`` (SDXL), used as it is loaded.
+
+A1111's ``apply_model`` takes an integer timestep and returns the raw eps or v, which
+is the engine's own convention; the UNet sits at ``model.model.diffusion_model``, so
+``model.diffusion_model.*`` parameter names are the single-file names already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer, weights_sha256
+
+# cross-attention context width -> (architecture, native resolution for eps, for v)
+CONTEXT_WIDTH = {768: ("sd1", 512, 512), 1024: ("sd2", 512, 768), 2048: ("sdxl", 1024, 1024)}
+PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
+
+
+class ApplyModel(nn.Module):
+    """The host's UNet wrapper (ldm ``DiffusionWrapper`` or sgm ``OpenAIWrapper``) under
+    the name ``model``, called the way the host's ``apply_model`` calls it."""
+
+    def __init__(self, wrapper: nn.Module, sdxl: bool):
+        super().__init__()
+        self.model, self.sdxl = wrapper, sdxl
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, vector: torch.Tensor | None = None):
+        if self.sdxl:
+            return self.model(x, t, {"crossattn": context, "vector": vector})
+        return self.model(x, t, c_crossattn=[context])
+
+
+def context_width(unet: nn.Module) -> int:
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_k"):
+            return module.in_features
+    raise ValueError("this model has no cross-attention layer; concept erasing supports SD1.x, SD2.x and SDXL")
+
+
+class A1111Denoiser(Denoiser):
+    def __init__(self, model: nn.Module, name: str = "A1111 model", sha256: str | None = None):
+        self.model = model
+        self.is_sdxl = hasattr(model, "conditioner")  # sgm's DiffusionEngine
+        width = context_width(model.model.diffusion_model)
+        parameterization = getattr(model, "parameterization", "eps")
+        if width not in CONTEXT_WIDTH or parameterization not in PREDICTION:
+            raise ValueError(
+                f"concept erasing supports SD1.x, SD2.x and SDXL (eps or v); this model has a {width}-wide "
+                f"text context and {parameterization!r} parameterization"
+            )
+        architecture, eps_size, v_size = CONTEXT_WIDTH[width]
+        prediction = PREDICTION[parameterization]
+        self.unet = ApplyModel(model.model, self.is_sdxl)
+        self.schedule = NoiseSchedule(model.alphas_cumprod.detach().double().cpu(), prediction)
+        self.latent_channels = 4
+        self.vae_scale_factor = 8
+        self.info = BaseModelInfo(name, architecture, v_size if prediction == "v_prediction" else eps_size)
+        self._sha256 = sha256
+        # ldm's own gradient checkpointing (the configs' use_checkpoint: True) hides the weights that
+        # functional_call passes in from autograd; A1111 >= 1.7 turns it off at load, older ones do not.
+        self._checkpointed = [
+            (module, flag)
+            for module in model.model.diffusion_model.modules()
+            for flag in ("use_checkpoint", "checkpoint")
+            if getattr(module, flag, None) is True
+        ]
+
+    @contextmanager
+    def _checkpointing_off(self) -> Iterator[None]:
+        """For the duration of one of our forward passes only; the flags are restored after."""
+        for module, flag in self._checkpointed:
+            setattr(module, flag, False)
+        try:
+            yield
+        finally:
+            for module, flag in self._checkpointed:
+                setattr(module, flag, True)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        with torch.no_grad():
+            if self.is_sdxl:  # A1111's sgm models take the batch of prompts and return crossattn + vector
+                cond = self.model.get_learned_conditioning(prompts)
+                return Conditioning(cond["crossattn"].to(self.dtype), {"vector": cond["vector"].to(self.dtype)})
+            return Conditioning(self.model.get_learned_conditioning(prompts).to(self.dtype))
+
+    def _predict(self, x_t, t, cond, weights):
+        with self._checkpointing_off():
+            return self.call_unet(weights, x_t, t, cond.context, cond.extras.get("vector"))
+
+    def unet_layers(self) -> list[UNetLayer]:
+        return [
+            UNetLayer(name, f"model.diffusion_model.{name}.weight", module)
+            for name, module in self.model.model.diffusion_model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d))
+        ]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.model.decode_first_stage(latents.to(self.dtype))
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        encoded = self.model.encode_first_stage((images * 2 - 1).to(self.device, self.dtype))
+        if self.is_sdxl:  # sgm's encode_first_stage already returns the scaled latents
+            return encoded
+        return self.model.get_first_stage_encoding(encoded)
+
+    def original_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    @cached_property
+    def sha256(self) -> str:
+        return self._sha256 or weights_sha256(self.model.model.diffusion_model)

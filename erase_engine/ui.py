@@ -1,0 +1,303 @@
+"""The Concept Erasing interface: one gradio builder for the A1111/Forge tab and the
+standalone app (``erase-concept ui``).  Runs on gradio 3.41 (A1111), 4.x (Forge) and later.
+
+A ``Host`` says where the model comes from, where files go, and how the host shows
+progress and asks to stop; everything else is the engine's.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .deltas import TRAINABLE_SETS, WeightDeltas
+from .denoiser import Denoiser
+from .export import model_file_path, save_checkpoint, save_lora
+from .loading import BUILTIN_SHAPES
+from .objective import PRESETS
+from .purify import purify
+from .report import before_after_images, grid_image, loss_plot, to_pil
+from .trainer import PRESET_VALUE, EraseConfig, Erasure, ErasureCancelled, erase_concept
+
+# The form's fields, in the order the Start button passes them.
+FORM = [
+    "model",
+    "folder",
+    "erase",
+    "alternative",
+    "preserve",
+    "method",
+    "train",
+    "rank",
+    "steps",
+    "lr",
+    "seed",
+    "eta",
+    "lambda_u",
+    "lambda_p",
+    "trajectories",
+    "sampler_steps",
+    "sampler_cfg",
+    "resolution",
+    "name",
+    "want_lora",
+    "want_checkpoint",
+]
+
+
+class Host:
+    """What the interface needs from the application it runs in (the standalone app's
+    behaviour; the A1111/Forge host overrides it)."""
+
+    title = "Concept Erasing"
+    chooses_model = True  # show model and folder fields (the standalone app)
+    default_model = "builtin:shapes"
+    default_folder = "."
+    default_steps, default_lr = 200, 1e-4  # the command line's, for real Stable Diffusion models
+
+    def denoiser(self, model: str) -> Denoiser:
+        raise NotImplementedError
+
+    def folders(self, folder: str) -> tuple[Path, Path]:
+        """(LoRA folder, checkpoint folder)."""
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"the folder {folder!r} does not exist")
+        return path, path
+
+    def begin(self, total: int) -> None:
+        """A job starts (the host's progress bar, its interrupt flag)."""
+
+    def progress(self, step: int, total: int, text: str) -> None:
+        """One training step done."""
+
+    def interrupted(self) -> bool:
+        """The host's own Interrupt button."""
+        return False
+
+    def end(self) -> None:
+        """The job ended, however it ended."""
+
+    def saved(self, kind: str, path: Path) -> None:
+        """A LoRA or checkpoint was written: refresh the host's lists."""
+
+
+@dataclass
+class Job:
+    """One erasure running in a worker thread; the interface polls it."""
+
+    denoiser: Denoiser
+    config: EraseConfig
+    host: Host
+    step: int = 0
+    text: str = "sampling the trajectory cache..."
+    erasure: Erasure | None = None
+    error: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        self.host.begin(self.config.steps)
+        try:
+            self.erasure = erase_concept(self.denoiser, self.config, self.progress, self.should_stop)
+        except ErasureCancelled as cancelled:
+            self.error = f"Stopped: {cancelled}. Nothing was saved."
+        except Exception as failure:  # shown in the interface; the host's model is untouched either way
+            self.error = f"Failed: {failure}"
+        finally:
+            self.host.end()
+            self.done.set()
+
+    def progress(self, step: int, total: int, losses: dict[str, float]) -> None:
+        self.step = step
+        self.text = f"step {step}/{total}, loss {losses['loss']:.4g}"
+        self.host.progress(step, total, self.text)
+
+    def should_stop(self) -> bool:
+        return self.stop.is_set() or self.host.interrupted()
+
+
+class Session:
+    """The interface's state: the running job and the last result."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.job: Job | None = None
+        self.last: tuple[Erasure, Denoiser] | None = None
+        self.lock = threading.Lock()
+
+    def erase(self, *values):
+        """Generator for the Start button (inputs in ``FORM`` order): (status, grid, loss plot, files) updates."""
+        form = dict(zip(FORM, values, strict=True))
+        model, folder, name = form.pop("model"), form.pop("folder"), form.pop("name")
+        want_lora, want_checkpoint = form.pop("want_lora"), form.pop("want_checkpoint")
+        try:
+            numbers = {k: int(form[k]) for k in ("steps", "seed", "trajectories", "sampler_steps")}
+            config = EraseConfig.from_form(**{**form, **numbers, "lr": float(form["lr"])})
+            lora_folder, checkpoint_folder = self.host.folders(folder)
+            outputs = {"lora": model_file_path(lora_folder, name)} if want_lora else {}
+            if want_checkpoint:
+                outputs["checkpoint"] = model_file_path(checkpoint_folder, name)
+            yield "Loading the model...", None, None, None
+            with self.lock:  # one erasure at a time per interface
+                if self.job is not None and not self.job.done.is_set():
+                    raise ValueError("an erasure is already running")
+                self.job = job = Job(self.host.denoiser(model), config, self.host)
+        except (ValueError, FileNotFoundError, KeyError) as error:
+            yield f"**Error:** {error}", None, None, None
+            return
+        threading.Thread(target=job.run, name="concept-erasing", daemon=True).start()
+        while not job.done.wait(0.5):
+            yield f"Erasing '{config.erase[0]}': {job.text}", None, None, None
+        if job.error is not None:
+            yield f"**{job.error}**", None, None, None
+            return
+        plot = loss_plot(job.erasure.losses)
+        yield "Saving and drawing the before/after grid...", None, plot, None
+        try:
+            written = self.write(job, outputs)
+        except OSError as error:
+            yield f"**Could not save:** {error}. Nothing was written.", None, plot, None
+            return
+        self.last = (job.erasure, job.denoiser)
+        prompts = list(dict.fromkeys(config.erase + config.preserve[:3]))
+        before, after = before_after_images(job.denoiser, job.erasure, prompts, [config.seed, config.seed + 1])
+        summary = ", ".join(f"{kind} `{path}`" for kind, path in written.items()) or "nothing saved"
+        files = [str(p) for p in written.values()] or None
+        seconds = job.erasure.seconds["total"]
+        yield f"Done in {seconds:.0f} s: {summary}.", grid_image(prompts, before, after), plot, files
+
+    def write(self, job: Job, outputs: dict[str, Path]) -> dict[str, Path]:
+        written = {}
+        if "lora" in outputs:
+            written["lora"] = save_lora(job.erasure, job.denoiser, outputs["lora"], svd_rank=16, overwrite=False)
+        if "checkpoint" in outputs:
+            written["checkpoint"] = save_checkpoint(job.erasure, job.denoiser, outputs["checkpoint"], overwrite=False)
+        for kind, path in written.items():
+            self.host.saved(kind, path)
+        return written
+
+    def request_stop(self) -> str:
+        if self.job is None or self.job.done.is_set():
+            return "Nothing is running."
+        self.job.stop.set()
+        return "Stopping after the current step..."
+
+    def purify(self, image, prompt, steps, strength):
+        if image is None or self.last is None:
+            return None, "Run an erasure first, then give an image."
+        erasure, denoiser = self.last
+        size = denoiser.info.resolution if erasure.config.resolution is None else erasure.config.resolution
+        pixels = torch.from_numpy(_rgb(image, size)).permute(2, 0, 1)[None].float() / 255
+        deltas: WeightDeltas = erasure.deltas
+        result = purify(denoiser, pixels, [prompt], deltas, int(steps), float(strength))[0]
+        return to_pil(result.cpu()).resize(image.size), "Purified."
+
+
+def _rgb(image, size: int):
+    import numpy as np
+    from PIL import Image
+
+    return np.array(image.convert("RGB").resize((size, size), Image.BICUBIC))
+
+
+def build_ui(host: Host):
+    """The interface as a ``gr.Blocks`` (not launched)."""
+    import gradio as gr
+
+    session = Session(host)
+    form = {}  # the Start button's inputs, by FORM name
+    with gr.Blocks(title=host.title, analytics_enabled=False) as blocks:
+        gr.Markdown(f"## {host.title}\nRemove a concept from the model, keep everything else (All but One, AAAI 2024).")
+        with gr.Row():
+            with gr.Column():
+                form["model"] = gr.Textbox(
+                    label="Model",
+                    value=host.default_model,
+                    visible=host.chooses_model,
+                    info="diffusers folder, .safetensors / .ckpt file, or builtin:shapes",
+                )
+                form["folder"] = gr.Textbox(
+                    label="Save into folder", value=host.default_folder, visible=host.chooses_model
+                )
+                form["erase"] = gr.Textbox(label="Erase", placeholder="e.g. Van Gogh", elem_id="ce_erase")
+                form["alternative"] = gr.Textbox(label="Replace with (optional)", placeholder="e.g. dry brushing")
+                form["preserve"] = gr.Textbox(label="Preserve (one prompt per line)", lines=3)
+                with gr.Row():
+                    form["method"] = gr.Dropdown(sorted(PRESETS), value="surgical", label="Method")
+                    form["train"] = gr.Dropdown(list(TRAINABLE_SETS), value="xattn", label="Trainable layers")
+                with gr.Row():
+                    form["rank"] = gr.Slider(0, 128, value=4, step=1, label="LoRA rank (0 = full rank)")
+                    form["steps"] = gr.Slider(1, 2000, value=host.default_steps, step=1, label="Steps")
+                with gr.Row():
+                    form["lr"] = gr.Number(value=host.default_lr, label="Learning rate")
+                    form["seed"] = gr.Number(value=0, label="Seed", precision=0)
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        form["eta"] = gr.Number(value=PRESET_VALUE, label="eta (-1: the method's)")
+                        form["lambda_u"] = gr.Number(value=PRESET_VALUE, label="lambda_u (-1: the method's)")
+                        form["lambda_p"] = gr.Number(value=PRESET_VALUE, label="lambda_p (-1: the method's)")
+                    with gr.Row():
+                        form["trajectories"] = gr.Slider(1, 32, value=4, step=1, label="Trajectories per prompt")
+                        form["sampler_steps"] = gr.Slider(1, 200, value=50, step=1, label="Sampler steps")
+                        form["sampler_cfg"] = gr.Slider(0, 15, value=3.0, step=0.5, label="Sampler CFG")
+                        form["resolution"] = gr.Number(value=0, precision=0, label="Resolution (0: the model's)")
+                with gr.Row():
+                    form["name"] = gr.Textbox(label="Output name", value="erased", elem_id="ce_name")
+                    form["want_lora"] = gr.Checkbox(value=True, label="Save LoRA")
+                    form["want_checkpoint"] = gr.Checkbox(value=False, label="Save checkpoint")
+                with gr.Row():
+                    start = gr.Button("Start", variant="primary", elem_id="ce_start")
+                    stop = gr.Button("Stop", elem_id="ce_stop")
+            with gr.Column():
+                status = gr.Markdown("Ready.", elem_id="ce_status")
+                grid = gr.Image(label="Before / after (same seeds)", type="pil", interactive=False, elem_id="ce_grid")
+                losses = gr.Image(label="Loss", type="pil", interactive=False)
+                files = gr.File(label="Saved files", file_count="multiple", interactive=False, elem_id="ce_files")
+        with gr.Accordion("Purify an image (with the last erasure)", open=False):
+            with gr.Row():
+                source = gr.Image(label="Image", type="pil")
+                purified = gr.Image(label="Purified", type="pil", interactive=False)
+            with gr.Row():
+                purify_prompt = gr.Textbox(label="What the image shows")
+                purify_steps = gr.Slider(1, 200, value=50, step=1, label="Steps")
+                strength = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Strength")
+                purify_button = gr.Button("Purify")
+            purify_status = gr.Markdown("")
+
+        inputs = [form[name] for name in FORM]
+        start.click(session.erase, inputs, [status, grid, losses, files])
+        stop.click(session.request_stop, None, status, queue=False)
+        purify_button.click(session.purify, [source, purify_prompt, purify_steps, strength], [purified, purify_status])
+    return blocks
+
+
+class StandaloneHost(Host):
+    """``erase-concept ui``: any model path, files into a folder the user picks."""
+
+    def __init__(self, model: str = "builtin:shapes", folder: str = ".", device: str = "cpu"):
+        self.default_model, self.default_folder, self.device = model, folder, device
+        self.loaded: dict[str, Denoiser] = {}
+        if model == BUILTIN_SHAPES:  # the tiny demo model learns fast: the benchmark's settings
+            from .builtin.bench import DEFAULT_LR, DEFAULT_STEPS
+
+            self.default_steps, self.default_lr = DEFAULT_STEPS, DEFAULT_LR
+
+    def denoiser(self, model: str) -> Denoiser:
+        from .loading import load_denoiser
+
+        model = model.strip() or self.default_model
+        if model not in self.loaded:
+            self.loaded = {model: load_denoiser(model, device=self.device)}  # one model in memory at a time
+        return self.loaded[model]
+
+
+def launch(port: int, model: str, folder: str, device: str = "cpu", block: bool = True):
+    """Serve the standalone app on 127.0.0.1 (loopback only: it reads and writes local files)."""
+    blocks = build_ui(StandaloneHost(model, folder, device))
+    blocks.queue()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=not block, inbrowser=False)
+    return blocks

@@ -1,0 +1,100 @@
+"""The standalone web app (``erase-concept ui``) driven in a real browser: headless Chromium
+through Playwright, on the built-in model.  Skipped where Chromium is absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from browser import chromium, needs_chromium
+from safetensors import safe_open
+
+pytestmark = needs_chromium
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    pytest.importorskip("gradio")
+    folder = tmp_path_factory.mktemp("saved")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = folder.parent / "app.log"
+    command = [sys.executable, "-m", "erase_engine.cli", "ui", "--port", str(port), "--folder", str(folder)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "*"})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+    yield url, folder
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture
+def page(app):
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1100}, accept_downloads=True)
+        page.goto(app[0])
+        page.wait_for_selector("#ce_start")
+        yield page
+
+
+def status(page) -> str:
+    return page.locator("#ce_status").inner_text()
+
+
+def test_erase_in_the_browser_shows_progress_result_and_downloads_the_lora(app, page, tmp_path):
+    _, folder = app
+    page.locator("#ce_erase textarea, #ce_erase input").first.fill("star")
+    page.locator("#ce_name textarea, #ce_name input").first.fill("no-stars")
+    page.click("#ce_start")
+    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('step ')", timeout=120_000)
+    seen = status(page)
+    assert "Erasing 'star'" in seen and "loss" in seen  # live progress
+    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('Done')", timeout=300_000)
+    assert page.locator("#ce_grid img").count() == 1  # the before/after grid is shown
+    page.screenshot(path=tmp_path / "standalone-app.png", full_page=True)
+
+    link = page.locator("#ce_files a").first
+    with page.expect_download() as download:
+        link.click()
+    path = tmp_path / "downloaded.safetensors"
+    download.value.save_as(path)
+    with safe_open(path, "pt") as f:
+        assert json.loads(f.metadata()["erasure.erase"]) == ["star"]
+        assert f.keys() and all(k.startswith("lora_unet_") for k in f.keys())
+    assert path.read_bytes() == (folder / "no-stars.safetensors").read_bytes()
+
+
+def test_stop_mid_run_saves_nothing(app, page):
+    _, folder = app
+    before = set(folder.iterdir())
+    page.locator("#ce_erase textarea, #ce_erase input").first.fill("heart")
+    page.locator("#ce_name textarea, #ce_name input").first.fill("stopped")
+    page.click("#ce_start")
+    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('step ')", timeout=120_000)
+    page.click("#ce_stop")
+    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('Stopped')", timeout=60_000)
+    assert "Nothing was saved" in status(page)
+    assert set(folder.iterdir()) == before
+
+
+def test_bad_input_is_reported_in_the_page(app, page):
+    page.locator("#ce_erase textarea, #ce_erase input").first.fill("   ")
+    page.click("#ce_start")
+    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('Error')", timeout=60_000)
+    assert "non-empty concept" in status(page)
