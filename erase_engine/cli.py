@@ -67,13 +67,17 @@ def load_model(model: str, device: str, prediction_type: str | None = None):
     return load_denoiser(model, device=device, prediction_type=prediction_type)
 
 
-def check_output(parser: argparse.ArgumentParser, flag: str, path: Path | None, suffix: str = ".safetensors") -> None:
+def check_output(
+    parser: argparse.ArgumentParser, flag: str, path: Path | None, suffix: str = ".safetensors", overwrite: bool = True
+) -> None:
     if path is None:
         return
     if path.suffix != suffix:
         parser.error(f"{flag} must name a {suffix} file, got {path}")
     if not path.parent.resolve().is_dir():
         parser.error(f"{flag}: the folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        parser.error(f"{flag}: {path} exists; pass --overwrite to replace it")
 
 
 def default_output(erase: list[str]) -> Path:
@@ -107,11 +111,12 @@ def erase_main(argv: list[str]) -> int:
     parser.add_argument("--save-checkpoint", type=Path, metavar="FILE.safetensors", help="also write a checkpoint")
     parser.add_argument("--report", type=Path, metavar="DIR", help="write a before/after grid, loss curve and summary")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="override the model's")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
     if args.out is None and args.save_checkpoint is None:
         args.out = default_output(args.erase)
-    check_output(parser, "--out", args.out)
-    check_output(parser, "--save-checkpoint", args.save_checkpoint)
+    check_output(parser, "--out", args.out, overwrite=args.overwrite)
+    check_output(parser, "--save-checkpoint", args.save_checkpoint, overwrite=args.overwrite)
 
     from .export import save_checkpoint, save_lora
     from .report import write_report
@@ -122,11 +127,11 @@ def erase_main(argv: list[str]) -> int:
     bar, progress = progress_bar(config.steps)
     with bar:
         erasure = erase_concept(denoiser, config, progress=progress)
-    outputs = {}
+    outputs, if_exists = {}, "replace" if args.overwrite else "refuse"
     if args.out is not None:
-        outputs["lora"] = str(save_lora(erasure, denoiser, args.out, svd_rank=args.export_rank))
+        outputs["lora"] = str(save_lora(erasure, denoiser, args.out, args.export_rank, if_exists))
     if args.save_checkpoint is not None:
-        outputs["checkpoint"] = str(save_checkpoint(erasure, denoiser, args.save_checkpoint))
+        outputs["checkpoint"] = str(save_checkpoint(erasure, denoiser, args.save_checkpoint, if_exists))
     if args.report is not None:
         outputs["report"] = str(write_report(args.report, denoiser, erasure, outputs=dict(outputs)))
     for kind, path in outputs.items():
@@ -200,10 +205,11 @@ def purify_main(argv: list[str]) -> int:
 
     import numpy as np
     import torch
-    from PIL import Image
-    from safetensors.torch import load_file
+    from PIL import Image, UnidentifiedImageError
 
     from .deltas import WeightDeltas
+    from .export import check_lora_base
+    from .loading import read_state_dict
     from .purify import purify
     from .report import to_pil
 
@@ -211,10 +217,15 @@ def purify_main(argv: list[str]) -> int:
         raise FileNotFoundError(f"no image at {args.image}")
     if not args.lora.is_file():
         raise FileNotFoundError(f"no LoRA at {args.lora}")
+    try:  # any size and mode: converted to RGB at the model's size, and back to the image's size
+        image = Image.open(args.image).convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{args.image} is not an image this can read: {error}") from None
+    lora, metadata = read_state_dict(args.lora)
     denoiser = load_model(args.model, args.device)
-    deltas = WeightDeltas.from_lora(denoiser.unet_layers(), load_file(args.lora)).to(denoiser.device)
+    check_lora_base(metadata, denoiser)
+    deltas = WeightDeltas.from_lora(denoiser.unet_layers(), lora).to(denoiser.device)
     size = denoiser.info.resolution
-    image = Image.open(args.image).convert("RGB")
     pixels = torch.from_numpy(np.array(image.resize((size, size), Image.BICUBIC))).permute(2, 0, 1)[None] / 255
     result = purify(denoiser, pixels, [args.prompt], deltas, args.steps, args.strength)[0]
     to_pil(result.cpu()).resize(image.size, Image.BICUBIC).save(args.out)
@@ -241,14 +252,31 @@ def ui_main(argv: list[str]) -> int:
 COMMANDS = {"bench": bench_main, "purify": purify_main, "ui": ui_main}
 
 
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (nothing done), 1 the run failed, 130 interrupted.
+    In every failure case no output file is left behind and no traceback is shown."""
+    from .trainer import ErasureFailed
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command = COMMANDS.get(argv[0], None) if argv else None
     try:
         return command(argv[1:]) if command else erase_main(argv)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"erase-concept: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        return fail(f"error: {error}", EXIT_BAD_INPUT)
+    except ErasureFailed as error:
+        return fail(f"failed: {error}", EXIT_FAILED)
+    except OSError as error:  # disk full, permissions
+        return fail(f"could not write: {error}; nothing was saved", EXIT_FAILED)
+    except KeyboardInterrupt:
+        return fail("interrupted; nothing was saved", EXIT_INTERRUPTED)
+
+
+def fail(message: str, code: int) -> int:
+    print(f"erase-concept: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

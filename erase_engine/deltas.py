@@ -90,6 +90,16 @@ class WeightDeltas(nn.Module):
         if not selected:
             raise ValueError(f"the trainable set {train!r} selects no layer of this model")
         alpha = float(alpha if alpha is not None else (rank or 0))
+        if rank:
+            limit, key = min(
+                (min(layer.module.weight.shape[0], layer.module.weight[0].numel()), key)
+                for key, layer in selected.items()
+            )
+            if rank > limit:
+                raise ValueError(
+                    f"LoRA rank {rank} is larger than layer {key} allows (at most {limit}); "
+                    "choose a smaller rank, or full rank"
+                )
         deltas = {
             key: LoRADelta(layer.module.weight, rank, alpha) if rank else FullDelta(layer.module.weight)
             for key, layer in selected.items()
@@ -107,7 +117,12 @@ class WeightDeltas(nn.Module):
         deltas = {}
         for key in modules:
             down, up = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"]
-            rank = down.shape[0]
+            rank, weight = down.shape[0], by_name[key].module.weight
+            if up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel():
+                raise ValueError(
+                    f"this LoRA was made for another base model: {key} is {up.shape[0]}x{down[0].numel()}, "
+                    f"the model's layer is {weight.shape[0]}x{weight[0].numel()}"
+                )
             alpha = float(state[f"{key}.alpha"]) if f"{key}.alpha" in state else float(rank)
             delta = LoRADelta(by_name[key].module.weight, rank, alpha)
             delta.down.data.copy_(down.reshape(rank, -1))

@@ -68,6 +68,21 @@ def merged_state_dict(erasure: Erasure, denoiser: Denoiser) -> dict[str, torch.T
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def model_architecture(denoiser: Denoiser) -> str:
+    """The modelspec architecture of a model (its LoRAs add ``/lora``)."""
+    architecture = _ARCHITECTURE[denoiser.info.architecture][1]
+    if denoiser.info.architecture == "sd2" and denoiser.schedule.prediction_type == "v_prediction":
+        architecture += "-768-v"
+    return architecture
+
+
+def check_lora_base(metadata: dict[str, str], denoiser: Denoiser) -> None:
+    """Refuse a LoRA whose header says it was made for another kind of model."""
+    made_for = metadata.get("modelspec.architecture", "").removesuffix("/lora")
+    if made_for and made_for != model_architecture(denoiser):
+        raise ValueError(f"this LoRA was made for another base model ({made_for}), not {model_architecture(denoiser)}")
+
+
 def erasure_metadata(
     erasure: Erasure, denoiser: Denoiser, title: str, lora: tuple[int, float] | None = None
 ) -> dict[str, str]:
@@ -76,9 +91,8 @@ def erasure_metadata(
     ``lora`` is the exported (rank, alpha) for a LoRA file, None for a checkpoint.
     """
     config, objective, info = erasure.config, erasure.objective, denoiser.info
-    kohya_version, spec_architecture = _ARCHITECTURE[info.architecture]
-    if info.architecture == "sd2" and denoiser.schedule.prediction_type == "v_prediction":
-        spec_architecture += "-768-v"
+    kohya_version = _ARCHITECTURE[info.architecture][0]
+    spec_architecture = model_architecture(denoiser)
     erased = ", ".join(f"{e} -> {a}" if a else e for e, a in config.pairs())
     description = f"'{erased}' erased with {config.method} ({config.train}, {config.steps} steps)."
     hyperparameters = {**config.as_dict(), "eta": objective.eta, "lambda_u": objective.lambda_u}
@@ -126,23 +140,33 @@ def erasure_metadata(
     return metadata
 
 
-def write_safetensors(
-    state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str], overwrite: bool = True
-) -> Path:
-    """Write atomically: a temporary file beside the target, renamed only when complete.
+IF_EXISTS = ("refuse", "number", "replace")
 
-    With ``overwrite=False`` an existing file is kept and the new one gets the
-    first free name ``<stem>_2``, ``<stem>_3``, ... (claimed atomically, so two
-    writers never take the same name).  Returns the path written.
+
+def write_safetensors(
+    state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str], if_exists: str = "refuse"
+) -> Path:
+    """Write atomically: a temporary file beside the target, flushed, then given its name.
+
+    ``if_exists``: ``"refuse"`` raises FileExistsError if the name is taken, ``"number"``
+    takes the first free ``<stem>_2``, ``<stem>_3``, ... and ``"replace"`` overwrites.  The
+    name is claimed atomically (a hard link), so two writers never take the same name.
+    Returns the path written.  On any failure, nothing is left behind; temporaries left by
+    a killed writer are removed by the next write into the folder.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
+    if if_exists not in IF_EXISTS:
+        raise ValueError(f"if_exists must be one of {IF_EXISTS}")
     if path.suffix != ".safetensors":
         raise ValueError(f"the output must be a .safetensors file, got {path.name}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder {path.parent} does not exist")
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
+    if if_exists == "refuse" and path.exists():
+        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    _remove_stale_temporaries(path.parent)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=PARTIAL, dir=path.parent)
     os.close(descriptor)
     umask = os.umask(0)
     os.umask(umask)
@@ -150,22 +174,47 @@ def write_safetensors(
     try:
         save_file(state, temporary, metadata=metadata)
         _sort_header(temporary)
-        if overwrite:
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())  # on disk before it gets its name: a crash never leaves a short model file
+        if if_exists == "replace":
             os.replace(temporary, path)
         else:
-            path = _link_to_free_name(temporary, path)
+            path = _link_to_free_name(temporary, path, numbered=if_exists == "number")
     finally:
         Path(temporary).unlink(missing_ok=True)  # after a link it is only a second name
     return path
 
 
-def _link_to_free_name(source: str, path: Path) -> Path:
+PARTIAL = ".partial"
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporaries whose writer process is gone (killed between write and rename)."""
+    for candidate in folder.glob(f".*{PARTIAL}"):
+        pid = candidate.name.removesuffix(PARTIAL).split(".")[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _link_to_free_name(source: str, path: Path, numbered: bool) -> Path:
     candidate, number = path, 1
     while True:
         try:
             os.link(source, candidate)  # fails if the name exists: no check-then-write race
             return candidate
         except FileExistsError:
+            if not numbered:
+                raise FileExistsError(f"{path} exists; choose another name or allow overwriting") from None
             number += 1
             candidate = path.with_name(f"{path.stem}_{number}{path.suffix}")
 
@@ -187,23 +236,23 @@ def _sort_header(path: str) -> None:
 
 
 def save_lora(
-    erasure: Erasure, denoiser: Denoiser, path: str | Path, svd_rank: int | None = None, overwrite: bool = True
+    erasure: Erasure, denoiser: Denoiser, path: str | Path, svd_rank: int | None = None, if_exists: str = "refuse"
 ) -> Path:
     state = lora_state_dict(erasure, svd_rank)
     rank = max(int(v.shape[0]) for k, v in state.items() if k.endswith("lora_down.weight"))
     alpha = erasure.deltas.alpha if erasure.deltas.is_lora else float(svd_rank)
     metadata = erasure_metadata(erasure, denoiser, Path(path).stem, lora=(rank, alpha))
-    return write_safetensors(state, path, metadata, overwrite)
+    return write_safetensors(state, path, metadata, if_exists)
 
 
-def save_checkpoint(erasure: Erasure, denoiser: Denoiser, path: str | Path, overwrite: bool = True) -> Path:
+def save_checkpoint(erasure: Erasure, denoiser: Denoiser, path: str | Path, if_exists: str = "refuse") -> Path:
     from .loading import CONFIG_METADATA_KEY
 
     metadata = erasure_metadata(erasure, denoiser, Path(path).stem)
     configs = getattr(denoiser, "diffusers_configs", None)
     if configs is not None:  # lets this engine reload the file offline whatever its size
         metadata[CONFIG_METADATA_KEY] = json.dumps(configs(), sort_keys=True, default=str)
-    return write_safetensors(merged_state_dict(erasure, denoiser), path, metadata, overwrite)
+    return write_safetensors(merged_state_dict(erasure, denoiser), path, metadata, if_exists)
 
 
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}

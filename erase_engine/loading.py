@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -69,14 +70,43 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a ``.safetensors`` or ``.ckpt`` file."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    """Tensors and header metadata of a ``.safetensors`` or ``.ckpt`` file.
 
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    A ``.ckpt`` is unpickled with ``weights_only=True``: a file that holds code is refused.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(
+                f"{path.name} is not a readable .safetensors file (corrupt or truncated?): {error}"
+            ) from None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path.name} holds more than weights and is refused (convert it to .safetensors): {error}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ValueError(f"{path.name} is not a readable .ckpt file (corrupt or truncated?): {error}") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path.name} holds no state dict")
     return checkpoint.get("state_dict", checkpoint), {}
+
+
+SUPPORTED_ARCHITECTURES = "Stable Diffusion 1.x, 2.x and XL"
+# Key prefixes that identify model families this engine does not erase from.
+OTHER_FAMILIES = {
+    "model.diffusion_model.joint_blocks.": "Stable Diffusion 3",
+    "joint_blocks.": "Stable Diffusion 3",
+    "model.diffusion_model.double_blocks.": "Flux",
+    "double_blocks.": "Flux",
+    "conditioner.embedders.0.model.ln_final.weight": "SDXL refiner",
+}
 
 
 def detect_architecture(keys) -> str:
@@ -87,7 +117,12 @@ def detect_architecture(keys) -> str:
         return "sd2"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
-    raise ValueError("not a Stable Diffusion 1.x, 2.x or XL checkpoint (no known text encoder keys)")
+    for prefix, family in OTHER_FAMILIES.items():
+        if any(k.startswith(prefix) for k in keys):
+            raise ValueError(
+                f"{family} checkpoints are not supported; concept erasing supports {SUPPORTED_ARCHITECTURES}"
+            )
+    raise ValueError(f"not a checkpoint of a supported model ({SUPPORTED_ARCHITECTURES}): no known text encoder keys")
 
 
 def noise_schedule(scheduler_config: dict, prediction_type: str) -> NoiseSchedule:
@@ -152,7 +187,11 @@ def build_from_configs(
 
 def _load_exactly(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load weights, failing on any missing weight (buffers such as position ids may be absent)."""
-    missing, _unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, _unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # size mismatches: a fine-tune of another shape, or another model family
+        first = str(error).split("\n\t")[1] if "\n\t" in str(error) else str(error)
+        raise ValueError(f"the checkpoint's {what} weights do not fit the model's shapes: {first}") from None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} {what} weights, e.g. {missing[:3]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -17,8 +18,20 @@ from .sampling import TrajectoryCache
 PRESET_VALUE = -1.0  # a form's eta / lambda_u / lambda_p left at this takes the method's preset value
 
 
+# Bounds on what a user types: prompts are stored in every file's header, which must stay small.
+MAX_PROMPT_CHARS = 1000
+MAX_PRESERVE_PROMPTS = 64
+OUT_OF_MEMORY_HINT = (
+    "try fewer trajectories, a smaller resolution, LoRA mode (a small rank) or fewer trainable layers (xattn)"
+)
+
+
 class ErasureCancelled(Exception):
     """Raised when the host asks to stop; nothing has been written."""
+
+
+class ErasureFailed(RuntimeError):
+    """The run could not finish (out of memory, a non-finite loss); nothing was kept."""
 
 
 @dataclass
@@ -53,12 +66,30 @@ class EraseConfig:
             raise ValueError("give one alternative, or one per erased concept")
         if len(self.into) == 1:
             self.into = self.into * len(self.erase)
-        if self.steps < 1 or self.trajectories < 1:
-            raise ValueError("steps and trajectories must be at least 1")
+        for erase, into in zip(self.erase, self.into, strict=False):
+            if erase.casefold() == into.casefold():
+                raise ValueError(f"the alternative {into!r} is the concept being erased")
+        kept = sorted({p for p in self.preserve if p.casefold() in {e.casefold() for e in self.erase}})
+        if kept:
+            raise ValueError(f"the preserve list contains the concept being erased: {kept}")
+        if len(self.preserve) > MAX_PRESERVE_PROMPTS:
+            raise ValueError(f"at most {MAX_PRESERVE_PROMPTS} preserve prompts, got {len(self.preserve)}")
+        longest = max([*self.erase, *self.into, *self.preserve], key=len)
+        if len(longest) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompts are limited to {MAX_PROMPT_CHARS} characters, one has {len(longest)}")
+        for name in ("steps", "trajectories", "sampler_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError("the LoRA rank must be at least 1")
-        if self.lr <= 0:
-            raise ValueError("the learning rate must be positive")
+            raise ValueError(f"the LoRA rank must be at least 1 (or full rank), got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"the LoRA alpha must be positive, got {self.lora_alpha}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"the learning rate must be positive, got {self.lr}")
+        if not self.sampler_cfg >= 0:
+            raise ValueError(f"the sampler CFG scale must be zero or more, got {self.sampler_cfg}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"the resolution must be a positive multiple of 8 pixels, got {self.resolution}")
 
     def objective(self) -> Objective:
         objective = make_objective(self.method, self.eta, self.lambda_u, self.lambda_p)
@@ -124,9 +155,17 @@ def erase_concept(
     """Train weight deltas that erase ``config.erase`` from ``denoiser``.
 
     ``progress(step, total, losses)`` is called after every step; if
-    ``should_stop()`` turns true the run raises ``ErasureCancelled``.
-    The denoiser's own weights are never modified.
+    ``should_stop()`` turns true the run raises ``ErasureCancelled``.  Running out
+    of memory or a non-finite loss raises ``ErasureFailed``.  The denoiser's own
+    weights are never modified, whatever happens.
     """
+    try:
+        return _erase_concept(denoiser, config, progress, should_stop)
+    except torch.OutOfMemoryError as error:
+        raise ErasureFailed(f"out of memory: {OUT_OF_MEMORY_HINT}") from error
+
+
+def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     objective = config.objective()
     device = denoiser.device
     generator = torch.Generator().manual_seed(config.seed)
@@ -203,11 +242,15 @@ def erase_concept(
             student_preserve=student[n_s:] if use_preserve else None,
             teacher_preserve=teacher[n_e:] if use_preserve else None,
         )
+        losses.append(terms.as_floats())
+        if not math.isfinite(losses[-1]["loss"]):
+            raise ErasureFailed(
+                f"the loss became {losses[-1]['loss']} at step {step + 1}; nothing was kept (try a lower learning rate)"
+            )
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         optimizer.step()
 
-        losses.append(terms.as_floats())
         if progress is not None:
             progress(step + 1, config.steps, losses[-1])
 

@@ -173,9 +173,11 @@ class Session:
     def write(self, job: Job, outputs: dict[str, Path]) -> dict[str, Path]:
         written = {}
         if "lora" in outputs:
-            written["lora"] = save_lora(job.erasure, job.denoiser, outputs["lora"], svd_rank=16, overwrite=False)
+            written["lora"] = save_lora(job.erasure, job.denoiser, outputs["lora"], svd_rank=16, if_exists="number")
         if "checkpoint" in outputs:
-            written["checkpoint"] = save_checkpoint(job.erasure, job.denoiser, outputs["checkpoint"], overwrite=False)
+            written["checkpoint"] = save_checkpoint(
+                job.erasure, job.denoiser, outputs["checkpoint"], if_exists="number"
+            )
         for kind, path in written.items():
             self.host.saved(kind, path)
         return written

@@ -188,7 +188,7 @@ class SaveErasedLoRA:
 
     def save(self, erasure: ErasureResult, name: str, svd_rank: int):
         path = model_file_path(folder_paths.get_folder_paths("loras")[0], name)
-        written = save_lora(erasure.erasure, erasure.denoiser, path, svd_rank=svd_rank, overwrite=False)
+        written = save_lora(erasure.erasure, erasure.denoiser, path, svd_rank=svd_rank, if_exists="number")
         return {"ui": {"text": [written.name]}, "result": (str(written),)}
 
 
@@ -220,7 +220,7 @@ class SaveErasedCheckpoint:
                 f"this erasure was trained on an {erasure.denoiser.info.architecture} model, "
                 f"the MODEL given is {denoiser.info.architecture}"
             )
-        written = save_checkpoint(erasure.erasure, denoiser, path, overwrite=False)
+        written = save_checkpoint(erasure.erasure, denoiser, path, if_exists="number")
         return {"ui": {"text": [written.name]}, "result": (str(written),)}
 
 

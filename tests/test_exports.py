@@ -138,8 +138,8 @@ def test_keep_existing_gives_the_next_free_name_and_never_overwrites(tiny_denois
     erasure = erase_tiny(tiny_denoiser, lora_rank=2, steps=1)
     target = tmp_path / "erased.safetensors"
     target.write_bytes(b"the user's own file")
-    first = save_lora(erasure, tiny_denoiser, target, overwrite=False)
-    second = save_lora(erasure, tiny_denoiser, target, overwrite=False)
+    first = save_lora(erasure, tiny_denoiser, target, if_exists="number")
+    second = save_lora(erasure, tiny_denoiser, target, if_exists="number")
     assert (first.name, second.name) == ("erased_2.safetensors", "erased_3.safetensors")
     assert target.read_bytes() == b"the user's own file"
     assert first.read_bytes() == second.read_bytes() and load_file(first)

@@ -167,7 +167,7 @@ def export(vae, unet, text_encoder, scaling_factor: float, path: Path, note: dic
         "modelspec.description": "a small text-to-image model of coloured shapes, trained by erase_engine",
         "shapes.training": json.dumps(note, sort_keys=True),
     }
-    write_safetensors(state, path, metadata)
+    write_safetensors(state, path, metadata, if_exists="replace")  # --resume continues the same file
 
 
 def main(argv: list[str] | None = None) -> None:
