@@ -4,6 +4,7 @@ erase-concept [--model PATH] --erase TEXT ...     erase, save a LoRA / checkpoin
 erase-concept bench --erase TEXT ... | --compare  measure an erasure on builtin:shapes
 erase-concept purify --lora FILE --image IN.png --prompt TEXT --out OUT.png
 erase-concept ui [--port N] [--model PATH] [--folder DIR]   the web interface on 127.0.0.1
+erase-concept bench-speed [--device cuda|cpu] [--shape tiny|sd15|sdxl]   ESD-style loop vs this engine
 """
 
 from __future__ import annotations
@@ -249,7 +250,13 @@ def ui_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"bench": bench_main, "purify": purify_main, "ui": ui_main}
+def bench_speed_main(argv: list[str]) -> int:
+    from .speed import main as speed_main
+
+    return speed_main(argv)
+
+
+COMMANDS = {"bench": bench_main, "bench-speed": bench_speed_main, "purify": purify_main, "ui": ui_main}
 
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130

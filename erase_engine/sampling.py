@@ -8,6 +8,7 @@ latent is kept, and each training step draws ``(x_t, t)`` from that cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -31,11 +32,17 @@ def guided_output(
     uncond: Conditioning,
     cfg_scale: float,
     deltas: WeightDeltas | None = None,
-) -> torch.Tensor:
-    """``e(x,0) + s (e(x,c) - e(x,0))`` from one batched call."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``e(x,0) + s (e(x,c) - e(x,0))`` from one batched call, and its two parts."""
     both = denoiser.output(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond]), deltas)
     out_uncond, out_cond = both.chunk(2)
-    return out_uncond + cfg_scale * (out_cond - out_uncond)
+    return out_uncond + cfg_scale * (out_cond - out_uncond), out_uncond, out_cond
+
+
+class Trajectory(NamedTuple):
+    latents: torch.Tensor  # [S, B, C, H, W]: the latent entering each step
+    uncond: torch.Tensor  # the model's output there for the empty prompt
+    cond: torch.Tensor  # and for the row's prompt
 
 
 @torch.no_grad()
@@ -48,31 +55,36 @@ def ddim_sample(
     deltas: WeightDeltas | None = None,
     keep_trajectory: bool = False,
     start: int = 0,
+    stop: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Deterministic DDIM from ``noise`` (one row per prompt in ``cond``).
 
     ``start`` skips the first steps: ``noise`` is then a latent at the noise level
-    of ``ddim_timesteps(...)[start]`` (as ``ddim_invert`` returns).  Returns the
-    final latents, the latents *entering* every step ([steps, B, ...]) if asked,
-    and the timesteps they belong to.
+    of ``ddim_timesteps(...)[start]`` (as ``ddim_invert`` returns).  ``stop`` ends
+    early, with the latent at the level of ``ddim_timesteps(...)[stop]`` (ESD's way
+    of reaching one ``x_t``).  Returns the latents; if asked, the trajectory: the
+    latents *entering* every step run and the model's unconditional and conditional
+    outputs there (each [steps, B, ...]); and the timesteps of the steps run.
     """
     schedule = denoiser.schedule
-    timesteps = ddim_timesteps(schedule.num_timesteps, steps)[start:]
+    every = ddim_timesteps(schedule.num_timesteps, steps)
+    timesteps = every[start:stop]
     uncond = denoiser.encode([""]).repeat(len(cond)).to(noise.device)
     x = noise
     kept = []
     for i, t in enumerate(timesteps):
-        if keep_trajectory:
-            kept.append(x)
         t_batch = t.repeat(len(x)).to(x.device)
-        out = guided_output(denoiser, x, t_batch, cond, uncond, cfg_scale, deltas)
+        out, out_uncond, out_cond = guided_output(denoiser, x, t_batch, cond, uncond, cfg_scale, deltas)
+        if keep_trajectory:
+            kept.append((x, out_uncond, out_cond))
         eps, x0 = schedule.eps_and_x0(out, x, t_batch)
-        if i + 1 < len(timesteps):
-            a_prev = schedule.alpha(timesteps[i + 1].repeat(len(x)), x)
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        following = start + i + 1
+        if following < len(every):
+            a_next = schedule.alpha(every[following].repeat(len(x)), x)
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         else:
             x = x0
-    trajectory = torch.stack(kept) if keep_trajectory else None
+    trajectory = Trajectory(*(torch.stack(part) for part in zip(*kept, strict=True))) if keep_trajectory else None
     return x, trajectory, timesteps
 
 
@@ -92,7 +104,7 @@ def ddim_invert(
     x, level = latents, None  # level: the timestep x is at (None: clean)
     for t in ascending[:count]:
         t_model = (level if level is not None else t).repeat(len(x)).to(x.device)
-        out = guided_output(denoiser, x, t_model, cond, uncond, cfg_scale)
+        out, _, _ = guided_output(denoiser, x, t_model, cond, uncond, cfg_scale)
         eps, _ = schedule.eps_and_x0(out, x, t_model)
         a_now = schedule.alpha(level.repeat(len(x)), x) if level is not None else torch.ones_like(x[:, :1, :1, :1])
         x0 = (x - (1 - a_now).sqrt() * eps) / a_now.sqrt()
@@ -103,9 +115,12 @@ def ddim_invert(
 
 @dataclass
 class TrajectoryCache:
-    """For each prompt, ``latents[k, s]`` is trajectory k's latent at ``timesteps[s]``."""
+    """For each prompt, ``latents[k, s]`` is trajectory k's latent at ``timesteps[s]`` and
+    ``outputs[k, s]`` the frozen model's (unconditional, conditional) outputs there: the
+    sampler computed them anyway, and they are the teacher's outputs at that state."""
 
     latents: dict[str, torch.Tensor]  # prompt -> [K, S, C, H, W]
+    outputs: dict[str, torch.Tensor]  # prompt -> [K, S, 2, C, H, W]
     timesteps: torch.Tensor  # [S]
 
     @classmethod
@@ -124,12 +139,20 @@ class TrajectoryCache:
         cond = denoiser.encode(prompts).repeat(trajectories).to(denoiser.device)
         noise = torch.randn((len(cond), *latent_shape), generator=generator).to(denoiser.device, denoiser.dtype)
         _, trajectory, timesteps = ddim_sample(denoiser, cond, noise, steps, cfg_scale, keep_trajectory=True)
-        per_prompt = trajectory.transpose(0, 1).reshape(len(prompts), trajectories, len(timesteps), *latent_shape)
-        return cls({p: per_prompt[i] for i, p in enumerate(prompts)}, timesteps)
 
-    def draw(self, prompt: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ``(x_t, t)`` pair from a random trajectory of ``prompt``, at a random step."""
+        def per_prompt(part: torch.Tensor) -> torch.Tensor:  # [S, P*K, ...] -> [P, K, S, ...]
+            return part.transpose(0, 1).reshape(len(prompts), trajectories, len(timesteps), *latent_shape)
+
+        latents = per_prompt(trajectory.latents)
+        outputs = torch.stack([per_prompt(trajectory.uncond), per_prompt(trajectory.cond)], dim=3)
+        return cls(
+            {p: latents[i] for i, p in enumerate(prompts)}, {p: outputs[i] for i, p in enumerate(prompts)}, timesteps
+        )
+
+    def draw(self, prompt: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One state of a random trajectory of ``prompt`` at a random step: ``x_t`` [1, ...],
+        ``t`` [1] and the frozen model's (unconditional, conditional) outputs there [2, ...]."""
         latents = self.latents[prompt]
         k = int(torch.randint(latents.shape[0], (1,), generator=generator))
         s = int(torch.randint(latents.shape[1], (1,), generator=generator))
-        return latents[k, s : s + 1], self.timesteps[s : s + 1].to(latents.device)
+        return latents[k, s : s + 1], self.timesteps[s : s + 1].to(latents.device), self.outputs[prompt][k, s]

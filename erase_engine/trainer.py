@@ -205,23 +205,20 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         if should_stop is not None and should_stop():
             raise ErasureCancelled(f"stopped after {step} of {config.steps} steps")
         erase, into = pick.choice(config.pairs())
-        x_e, t_e = cache.draw(erase, generator)
+        x_e, t_e, out_e = cache.draw(erase, generator)
         preserve_draws = [cache.draw(p, generator) for p in config.preserve] if use_preserve else []
-        x_p = torch.cat([x for x, _ in preserve_draws]) if preserve_draws else x_e[:0]
-        t_p = torch.cat([t for _, t in preserve_draws]) if preserve_draws else t_e[:0]
+        x_p = torch.cat([x for x, _, _ in preserve_draws]) if preserve_draws else x_e[:0]
+        t_p = torch.cat([t for _, t, _ in preserve_draws]) if preserve_draws else t_e[:0]
         preserve_cond = [cond[p] for p in config.preserve] if use_preserve else []
 
-        # 4. The teacher: uncond, erase, [alternative], [preserve...] in one batched call.
-        teacher_conds = [cond[""], cond[erase]] + ([cond[into]] if into else []) + preserve_cond
-        n_e = len(teacher_conds) - len(preserve_cond)
-        with torch.no_grad():
-            teacher = denoiser.output(
-                torch.cat([x_e.expand(n_e, -1, -1, -1), x_p]),
-                torch.cat([t_e.expand(n_e), t_p]),
-                Conditioning.cat(teacher_conds),
-            )
-        t_uncond, t_erase = teacher[0:1], teacher[1:2]
-        t_alt = teacher[2:3] if into else None
+        # 4. The teacher: its outputs at cached states were kept by the sampler (uncond and
+        #    erase at x_e, each preserve prompt at its own state); only an alternative needs a call.
+        t_uncond, t_erase = out_e[0:1], out_e[1:2]
+        teacher_preserve = torch.stack([out[1] for _, _, out in preserve_draws]) if preserve_draws else None
+        t_alt = None
+        if into:
+            with torch.no_grad():
+                t_alt = denoiser.output(x_e, t_e, cond[into])
         target = erase_target(t_uncond, t_erase, objective.eta, t_alt)
 
         # 5. The student: erase, [uncond], [preserve...] in one batched call with the deltas.
@@ -240,7 +237,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
             student_uncond=student[1:2] if objective.lambda_u else None,
             teacher_uncond=t_uncond,
             student_preserve=student[n_s:] if use_preserve else None,
-            teacher_preserve=teacher[n_e:] if use_preserve else None,
+            teacher_preserve=teacher_preserve,
         )
         losses.append(terms.as_floats())
         if not math.isfinite(losses[-1]["loss"]):

@@ -69,3 +69,24 @@ def test_bad_input_gives_a_clear_message_and_no_file(tiny_model_dirs, tmp_path):
     wrong_suffix = run_cli("--model", tiny_model_dirs["sd1"], "--erase", "a cat", "--out", tmp_path / "x.pt")
     assert wrong_suffix.returncode == 2 and ".safetensors" in wrong_suffix.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_speed_reports_both_loops_in_one_run(tmp_path):
+    out = tmp_path / "speed.json"
+    result = run_cli("bench-speed", "--device", "cpu", "--shape", "tiny", "--steps", "2", "--json", out)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(out.read_text())
+    for key in (
+        "device",
+        "model",
+        "baseline_s_per_step",
+        "engine_s_per_step",
+        "engine_s_per_erasure",
+        "speedup",
+        "peak_mem_gib",
+    ):
+        assert key in row, key
+    assert row["device"] == "cpu" and row["model"] == "tiny"
+    assert row["speedup"] == row["baseline_s_per_erasure"] / row["engine_s_per_erasure"]
+    assert row["engine_s_per_erasure"] > row["engine_cache_s"] > 0 and row["unet_forward_gflop"] > 0
+    assert "seconds per step" in result.stdout and "ESD-style" in result.stdout

@@ -9,12 +9,12 @@ from erase_engine.objective import make_objective
 from erase_engine.sampling import TrajectoryCache
 
 
-def record_teacher_calls(denoiser):
-    """Wrap ``denoiser.output`` to keep the inputs of every call made without deltas."""
+def record_student_calls(denoiser):
+    """Wrap ``denoiser.output`` to keep the inputs of every call made with deltas (the student's)."""
     calls, output = [], denoiser.output
 
     def recording(x_t, t, cond, deltas=None):
-        if deltas is None:
+        if deltas is not None:
             calls.append((x_t.clone(), t.clone()))
         return output(x_t, t, cond, deltas)
 
@@ -34,12 +34,12 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
     from erase_engine.loading import load_denoiser
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
-    calls = record_teacher_calls(denoiser)
+    calls = record_student_calls(denoiser)
     config = EraseConfig(
         erase=["a cat"], into=[into] if into else [], method=method, steps=1, trajectories=2, sampler_steps=4
     )
     erasure = erase_concept(denoiser, config)
-    x_t, t = calls[-1][0][:1], calls[-1][1][:1]  # the training step's teacher call
+    x_t, t = calls[-1][0][:1], calls[-1][1][:1]  # the state the training step drew (the student's first row)
 
     e_uncond, e_cat = raw_unet(denoiser, x_t, t, ""), raw_unet(denoiser, x_t, t, "a cat")
     eta = make_objective(method).eta

@@ -275,14 +275,33 @@ def fault_in_the_loop(monkeypatch, fault, at_call: int):
 def test_faults_in_the_loop_stop_at_once_keep_nothing_and_leave_the_model(
     sd1, tmp_path, capsys, monkeypatch, fault, message
 ):
-    from erase_engine import load_denoiser
-
-    original = weights_sha256(load_denoiser(sd1).unet)
     fault_in_the_loop(monkeypatch, fault, at_call=4)  # after the trajectory cache (2 steps x 1 prompt, CFG batched)
     code, err = run(capsys, *erase_args(sd1, tmp_path / "out.safetensors"))
     assert code == 1 and message in err, err
     assert "Traceback" not in err and leftovers(tmp_path) == []
-    assert weights_sha256(load_denoiser(sd1).unet) == original
+
+
+def test_the_model_in_memory_is_unchanged_after_success_error_cancel_and_out_of_memory(sd1, monkeypatch):
+    """The host's copy, bit for bit (all of it: UNet, VAE, text encoder), whatever the run's outcome."""
+    from erase_engine import EraseConfig, ErasureCancelled, erase_concept, load_denoiser
+    from erase_engine.trainer import ErasureFailed
+
+    host = load_denoiser(sd1)
+    modules = [host.unet, host.vae, *host.text_encoders]
+    original = [weights_sha256(m) for m in modules]
+    config = EraseConfig(erase=["a cat"], preserve=["a dog"], steps=3, trajectories=1, sampler_steps=2, lr=1e-2)
+    assert erase_concept(host, config).losses  # success
+    with pytest.raises(ErasureCancelled):
+        erase_concept(host, config, should_stop=lambda: True)
+    with pytest.raises(ValueError):
+        erase_concept(host, EraseConfig(erase=["a cat"], train="xattn", lora_rank=10**6))
+    for fault in (torch.OutOfMemoryError("CUDA out of memory"), float("nan")):
+        with monkeypatch.context() as patch:
+            fault_in_the_loop(patch, fault, at_call=4)
+            with pytest.raises(ErasureFailed):
+                erase_concept(host, config)
+    assert [weights_sha256(m) for m in modules] == original
+    assert all(p.grad is None for m in modules for p in m.parameters())  # no gradient reached the host either
 
 
 def test_disk_full_while_writing_leaves_nothing(sd1, tmp_path, capsys, monkeypatch):

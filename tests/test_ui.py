@@ -54,7 +54,7 @@ def page(app):
 
 
 def status(page) -> str:
-    return page.locator("#ce_status").inner_text()
+    return page.locator("#ce_status").first.inner_text()  # gradio 3 puts the id on two nested elements
 
 
 def test_erase_in_the_browser_shows_progress_result_and_downloads_the_lora(app, page, tmp_path):
