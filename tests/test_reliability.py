@@ -275,7 +275,7 @@ def fault_in_the_loop(monkeypatch, fault, at_call: int):
 def test_faults_in_the_loop_stop_at_once_keep_nothing_and_leave_the_model(
     sd1, tmp_path, capsys, monkeypatch, fault, message
 ):
-    fault_in_the_loop(monkeypatch, fault, at_call=4)  # after the trajectory cache (2 steps x 1 prompt, CFG batched)
+    fault_in_the_loop(monkeypatch, fault, at_call=3)  # the first training call: the cache made 2 (CFG batched)
     code, err = run(capsys, *erase_args(sd1, tmp_path / "out.safetensors"))
     assert code == 1 and message in err, err
     assert "Traceback" not in err and leftovers(tmp_path) == []
@@ -297,7 +297,7 @@ def test_the_model_in_memory_is_unchanged_after_success_error_cancel_and_out_of_
         erase_concept(host, EraseConfig(erase=["a cat"], train="xattn", lora_rank=10**6))
     for fault in (torch.OutOfMemoryError("CUDA out of memory"), float("nan")):
         with monkeypatch.context() as patch:
-            fault_in_the_loop(patch, fault, at_call=4)
+            fault_in_the_loop(patch, fault, at_call=3)
             with pytest.raises(ErasureFailed):
                 erase_concept(host, config)
     assert [weights_sha256(m) for m in modules] == original
