@@ -98,3 +98,43 @@ def test_bad_input_is_reported_in_the_page(app, page):
     page.click("#ce_start")
     page.wait_for_function("document.querySelector('#ce_status').innerText.includes('Error')", timeout=60_000)
     assert "non-empty concept" in status(page)
+
+
+def test_purify_section_uses_the_last_erasure(tmp_path):
+    """The interface's purify handler, without a browser: after an erasure, an image in gives
+    an image of the same size out; before one, a message."""
+    pytest.importorskip("gradio")
+    from PIL import Image
+
+    from erase_engine.ui import FORM, Session, StandaloneHost
+
+    session = Session(StandaloneHost(folder=str(tmp_path)))
+    image = Image.new("RGB", (40, 24), "red")
+    assert session.purify(image, "a red star", 2, 0.5) == (None, "Run an erasure first, then give an image.")
+    form = {
+        "model": "builtin:shapes",
+        "folder": str(tmp_path),
+        "erase": "star",
+        "alternative": "",
+        "preserve": "",
+        "method": "surgical",
+        "train": "xattn",
+        "rank": 4,
+        "steps": 2,
+        "lr": 3e-3,
+        "seed": 0,
+        "eta": -1,
+        "lambda_u": -1,
+        "lambda_p": -1,
+        "trajectories": 1,
+        "sampler_steps": 2,
+        "sampler_cfg": 3.0,
+        "resolution": 0,
+        "name": "p",
+        "want_lora": False,
+        "want_checkpoint": False,
+    }
+    updates = list(session.erase(*(form[name] for name in FORM)))
+    assert updates[-1][0].startswith("Done") and updates[-1][1] is not None and list(tmp_path.iterdir()) == []
+    purified, message = session.purify(image, "a red star", 2, 0.5)
+    assert message == "Purified." and purified.size == (40, 24)
