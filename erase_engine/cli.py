@@ -204,32 +204,27 @@ def purify_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     check_output(parser, "--out", args.out, ".png")
 
-    import numpy as np
-    import torch
     from PIL import Image, UnidentifiedImageError
 
     from .deltas import WeightDeltas
     from .export import check_lora_base
     from .loading import read_state_dict
-    from .purify import purify
-    from .report import to_pil
+    from .purify import purify_picture
 
     if not args.image.is_file():
         raise FileNotFoundError(f"no image at {args.image}")
     if not args.lora.is_file():
         raise FileNotFoundError(f"no LoRA at {args.lora}")
     try:  # any size and mode: converted to RGB at the model's size, and back to the image's size
-        image = Image.open(args.image).convert("RGB")
+        image = Image.open(args.image)
+        image.load()
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{args.image} is not an image this can read: {error}") from None
     lora, metadata = read_state_dict(args.lora)
     denoiser = load_model(args.model, args.device)
     check_lora_base(metadata, denoiser)
     deltas = WeightDeltas.from_lora(denoiser.unet_layers(), lora).to(denoiser.device)
-    size = denoiser.info.resolution
-    pixels = torch.from_numpy(np.array(image.resize((size, size), Image.BICUBIC))).permute(2, 0, 1)[None] / 255
-    result = purify(denoiser, pixels, [args.prompt], deltas, args.steps, args.strength)[0]
-    to_pil(result.cpu()).resize(image.size, Image.BICUBIC).save(args.out)
+    purify_picture(denoiser, image, args.prompt, deltas, args.steps, args.strength).save(args.out)
     print(f"purified: {args.out}")
     return 0
 

@@ -27,3 +27,20 @@ def purify(
     noised, start = ddim_invert(denoiser, latents, cond, steps, strength, cfg_scale)
     purified, _, _ = ddim_sample(denoiser, cond, noised, steps, cfg_scale, deltas, start=start)
     return denoiser.decode(purified)
+
+
+def purify_picture(
+    denoiser: Denoiser, picture, prompt: str, deltas: WeightDeltas, steps: int, strength: float, size: int | None = None
+):
+    """A PIL image of any size and mode in, the purified PIL image out at the same size
+    (worked on as RGB at ``size`` pixels square, the model's resolution by default)."""
+    import numpy as np
+    from PIL import Image
+
+    from .report import to_pil
+
+    size = size or denoiser.info.resolution
+    rgb = np.array(picture.convert("RGB").resize((size, size), Image.BICUBIC))
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    result = purify(denoiser, pixels, [prompt], deltas, steps, strength)[0]
+    return to_pil(result.cpu()).resize(picture.size, Image.BICUBIC)

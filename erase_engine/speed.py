@@ -23,7 +23,7 @@ import torch
 from .deltas import is_trainable
 from .denoiser import Conditioning, Denoiser
 from .objective import erase_target
-from .sampling import ddim_sample
+from .sampling import ddim_sample, ddim_timesteps
 from .trainer import EraseConfig, erase_concept, latent_shape
 
 ERASURE_STEPS = 200  # a default erasure, for the per-erasure figures
@@ -62,6 +62,7 @@ def esd_style_seconds_per_step(denoiser: Denoiser, config: EraseConfig, steps: i
     uncond, erase = cond[0], cond[1]
     shape = latent_shape(denoiser, config.resolution)
     pick, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
+    timesteps = ddim_timesteps(denoiser.schedule.num_timesteps, config.sampler_steps)
     sampled, started = [], None
     for step in range(steps + 1):  # the first step warms up and is not timed
         if step == 1:
@@ -70,7 +71,7 @@ def esd_style_seconds_per_step(denoiser: Denoiser, config: EraseConfig, steps: i
         stop = pick.randrange(config.sampler_steps)
         noise = torch.randn((1, *shape), generator=generator).to(denoiser.device, denoiser.dtype)
         x_t, _, _ = ddim_sample(student, erase, noise, config.sampler_steps, config.sampler_cfg, stop=stop)
-        t = ddim_timesteps_at(denoiser, config.sampler_steps, stop).to(denoiser.device)
+        t = timesteps[stop : stop + 1].to(denoiser.device)  # the level x_t stopped at
         sampled.append(stop)
         with torch.no_grad():
             teacher = denoiser.output(torch.cat([x_t, x_t]), t.repeat(2), Conditioning.cat([uncond, erase]))
@@ -81,12 +82,6 @@ def esd_style_seconds_per_step(denoiser: Denoiser, config: EraseConfig, steps: i
         optimizer.step()
     synchronize(denoiser.device)
     return (time.perf_counter() - started) / steps, sum(sampled[1:]) / steps
-
-
-def ddim_timesteps_at(denoiser: Denoiser, steps: int, index: int) -> torch.Tensor:
-    from .sampling import ddim_timesteps
-
-    return ddim_timesteps(denoiser.schedule.num_timesteps, steps)[index : index + 1]
 
 
 def unet_forward_flops(denoiser: Denoiser, config: EraseConfig) -> float:

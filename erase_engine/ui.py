@@ -11,15 +11,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .deltas import TRAINABLE_SETS, WeightDeltas
+from .deltas import TRAINABLE_SETS
 from .denoiser import Denoiser
 from .export import model_file_path, save_checkpoint, save_lora
 from .loading import BUILTIN_SHAPES
 from .objective import PRESETS
-from .purify import purify
-from .report import before_after_images, grid_image, loss_plot, to_pil
+from .purify import purify_picture
+from .report import before_after_images, grid_image, loss_plot
 from .trainer import PRESET_VALUE, EraseConfig, Erasure, ErasureCancelled, erase_concept
 
 # The form's fields, in the order the Start button passes them.
@@ -92,7 +90,6 @@ class Job:
     denoiser: Denoiser
     config: EraseConfig
     host: Host
-    step: int = 0
     text: str = "sampling the trajectory cache..."
     erasure: Erasure | None = None
     error: str | None = None
@@ -112,7 +109,6 @@ class Job:
             self.done.set()
 
     def progress(self, step: int, total: int, losses: dict[str, float]) -> None:
-        self.step = step
         self.text = f"step {step}/{total}, loss {losses['loss']:.4g}"
         self.host.progress(step, total, self.text)
 
@@ -192,18 +188,9 @@ class Session:
         if image is None or self.last is None:
             return None, "Run an erasure first, then give an image."
         erasure, denoiser = self.last
-        size = denoiser.info.resolution if erasure.config.resolution is None else erasure.config.resolution
-        pixels = torch.from_numpy(_rgb(image, size)).permute(2, 0, 1)[None].float() / 255
-        deltas: WeightDeltas = erasure.deltas
-        result = purify(denoiser, pixels, [prompt], deltas, int(steps), float(strength))[0]
-        return to_pil(result.cpu()).resize(image.size), "Purified."
-
-
-def _rgb(image, size: int):
-    import numpy as np
-    from PIL import Image
-
-    return np.array(image.convert("RGB").resize((size, size), Image.BICUBIC))
+        size = erasure.config.resolution  # the size it was trained at (None: the model's)
+        picture = purify_picture(denoiser, image, prompt, erasure.deltas, int(steps), float(strength), size)
+        return picture, "Purified."
 
 
 def build_ui(host: Host):

@@ -160,12 +160,21 @@ def save_into(folder_kind: str) -> tuple:
     return ("STRING", {"default": "erased", "tooltip": f"File name in the first '{folder_kind}' folder (no path)."})
 
 
-class SaveErasedLoRA:
+class SaveNode:
+    """What the two save nodes share: an output node returning the path it wrote."""
+
     CATEGORY = CATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
+
+    @staticmethod
+    def written(path) -> dict:
+        return {"ui": {"text": [path.name]}, "result": (str(path),)}
+
+
+class SaveErasedLoRA(SaveNode):
     DESCRIPTION = "Write the erasure as a kohya LoRA into models/loras (an existing file is never overwritten)."
 
     @classmethod
@@ -189,15 +198,10 @@ class SaveErasedLoRA:
     def save(self, erasure: ErasureResult, name: str, svd_rank: int):
         path = model_file_path(folder_paths.get_folder_paths("loras")[0], name)
         written = save_lora(erasure.erasure, erasure.denoiser, path, svd_rank=svd_rank, if_exists="number")
-        return {"ui": {"text": [written.name]}, "result": (str(written),)}
+        return self.written(written)
 
 
-class SaveErasedCheckpoint:
-    CATEGORY = CATEGORY
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
+class SaveErasedCheckpoint(SaveNode):
     DESCRIPTION = "Write model + erasure as one checkpoint into models/checkpoints (never overwriting)."
 
     @classmethod
@@ -221,7 +225,7 @@ class SaveErasedCheckpoint:
                 f"the MODEL given is {denoiser.info.architecture}"
             )
         written = save_checkpoint(erasure.erasure, denoiser, path, if_exists="number")
-        return {"ui": {"text": [written.name]}, "result": (str(written),)}
+        return self.written(written)
 
 
 class PurifyImage:
