@@ -1,12 +1,9 @@
 """The denoiser adapter for ComfyUI: a MODEL (ModelPatcher), a CLIP and optionally a VAE.
 
 Only importable inside a ComfyUI process.  ComfyUI's ``apply_model`` takes a
-sigma and returns the denoised x0; the engine speaks discrete timesteps and the
-model's own output (eps or v), so this adapter converts both ways through the
-model's ``model_sampling``.  Nothing the host owns is modified: the student's
-weights are swapped in with ``functional_call``, and the frozen weights (created
-under ``torch.inference_mode`` by ComfyUI) are seen through normal-tensor aliases
-of the same memory so that autograd can save them.
+sigma and returns the denoised x0 (``SigmaDenoiser`` converts); the schedule comes
+from the MODEL's ``model_sampling``.  Nothing the host owns is modified: the
+student's weights are swapped in with ``functional_call``.
 """
 
 from __future__ import annotations
@@ -19,30 +16,19 @@ import comfy.model_sampling
 import torch
 from torch import nn
 
-from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer, weights_sha256
+from .denoiser import (
+    ApplyModel,
+    BaseModelInfo,
+    Conditioning,
+    NoiseSchedule,
+    SigmaDenoiser,
+    UNetLayer,
+    weights_sha256,
+)
 
 # ComfyUI's model config class -> (our architecture name, native resolution for eps, for v)
 SUPPORTED = {"SD15": ("sd1", 512, 512), "SD20": ("sd2", 512, 768), "SDXL": ("sdxl", 1024, 1024)}
 PREDICTION = {comfy.model_sampling.EPS: "epsilon", comfy.model_sampling.V_PREDICTION: "v_prediction"}
-
-
-class ApplyModel(nn.Module):
-    """``forward`` is ComfyUI's ``apply_model``; parameter names are the single-file
-    ones (``model.diffusion_model.…``), so ``functional_call`` can swap them."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **conds) -> torch.Tensor:
-        return self.model.apply_model(x, sigma, transformer_options={}, **conds)
-
-
-def normal_alias(tensor: torch.Tensor) -> torch.Tensor:
-    """A normal tensor over the same memory as ``tensor`` (which may be an inference tensor)."""
-    with torch.inference_mode(False):
-        alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
 def model_architecture(patcher) -> tuple[str, str, int]:
@@ -60,21 +46,19 @@ def model_architecture(patcher) -> tuple[str, str, int]:
     return architecture, prediction, v_size if prediction == "v_prediction" else eps_size
 
 
-class ComfyDenoiser(Denoiser):
+class ComfyDenoiser(SigmaDenoiser):
     def __init__(self, model, clip, vae=None):
         architecture, prediction, resolution = model_architecture(model)
         self.patcher, self.clip, self.vae = model, clip, vae
         self.base = model.model
         self.unet = ApplyModel(self.base)
-        self.sampling = model.get_model_object("model_sampling")
-        sigmas = self.sampling.sigmas.detach().double().cpu()
+        sigmas = model.get_model_object("model_sampling").sigmas.detach().double().cpu()
+        self.sigmas = sigmas.float()
         self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2), prediction)
         self.latent_channels = self.base.latent_format.latent_channels
         self.vae_scale_factor = 8
         name = f"ComfyUI {type(self.base.model_config).__name__} model"
         self.info = BaseModelInfo(name, architecture, resolution)
-        self._aliases: dict[str, torch.Tensor] = {}
-        self._aliased: tuple[int, ...] = ()
         self._load()
 
     def _load(self) -> None:
@@ -105,28 +89,8 @@ class ComfyDenoiser(Denoiser):
         y = self.base.encode_adm(pooled_output=torch.cat(pooled), width=size, height=size)
         return Conditioning(context, {"y": y.to(self.device)})
 
-    def _frozen_weights(self) -> dict[str, torch.Tensor]:
-        """Normal-tensor aliases of every UNet parameter, rebuilt if ComfyUI swapped any."""
-        named = dict(self.unet.named_parameters())
-        key = tuple(p.data_ptr() for p in named.values())
-        if key != self._aliased:
-            self._aliases = {name: normal_alias(p.detach()) for name, p in named.items()}
-            self._aliased = key
-        return self._aliases
-
-    def _predict(self, x_t, t, cond, weights):
-        if weights:  # the student: autograd must be able to save every weight it meets
-            weights = {**self._frozen_weights(), **weights}
-        sigma = self.sampling.sigma(t.to(self.sampling.sigmas.device)).to(x_t.device, torch.float32)
-        scale = (1 + sigma**2).sqrt().reshape(-1, 1, 1, 1)
-        x_in = x_t.float() * scale  # VP latents -> ComfyUI's x0 + sigma * eps
-        conds = {"c_crossattn": cond.context, **cond.extras}
-        x0 = self.call_unet(weights, x_in, sigma, **conds)
-        eps = (x_in - x0) / sigma.reshape(-1, 1, 1, 1)
-        if self.schedule.prediction_type == "epsilon":
-            return eps.to(x_t.dtype)
-        v = (eps - sigma.reshape(-1, 1, 1, 1) * x0) / scale  # v = sqrt(a) eps - sqrt(1 - a) x0
-        return v.to(x_t.dtype)
+    def _host_conds(self, cond: Conditioning) -> dict[str, torch.Tensor]:
+        return {"c_crossattn": cond.context, **cond.extras}
 
     def unet_layers(self) -> list[UNetLayer]:
         return [

@@ -180,4 +180,64 @@ class Denoiser(ABC):
     def call_unet(self, weights: dict[str, torch.Tensor], *args, **kwargs):
         if not weights:
             return self.unet(*args, **kwargs)
-        return functional_call(self.unet, weights, args, kwargs, strict=False)
+        return functional_call(self.unet, {**self._frozen_weights(), **weights}, args, kwargs, strict=False)
+
+    _aliases: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None  # (parameter addresses, aliases)
+
+    def _frozen_weights(self) -> dict[str, torch.Tensor]:
+        """What the student sees of every UNet weight it does not train: an alias of the same
+        memory that needs no gradient (a host's parameters may ask for one: A1111's do, and
+        autograd would fill a ``.grad`` the size of the UNet) and that autograd can save (a
+        host may have made its weights under ``torch.inference_mode``: ComfyUI's, Forge's).
+        Rebuilt if the host swapped any parameter."""
+        named = dict(self.unet.named_parameters())
+        addresses = tuple(p.data_ptr() for p in named.values())
+        if self._aliases is None or self._aliases[0] != addresses:
+            self._aliases = addresses, {name: normal_alias(p.detach()) for name, p in named.items()}
+        return self._aliases[1]
+
+
+def normal_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over the same memory as ``tensor`` (which may be an inference tensor)."""
+    with torch.inference_mode(False):
+        alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
+class ApplyModel(nn.Module):
+    """``forward`` is the host's ``apply_model(x, sigma, **conds) -> x0`` (ComfyUI's
+    ``BaseModel``, Forge's ``KModel``); parameter names are the single-file ones
+    (``model.diffusion_model.…``), so ``functional_call`` can swap them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **conds) -> torch.Tensor:
+        return self.model.apply_model(x, sigma, transformer_options={}, **conds)
+
+
+class SigmaDenoiser(Denoiser):
+    """A host whose ``apply_model(x, sigma, **conds)`` takes k-diffusion's input
+    ``x0 + sigma * eps`` and returns the denoised x0 (ComfyUI, Forge).
+
+    The engine speaks discrete VP timesteps and the model's own output (eps or v),
+    so this converts both ways with the host's sigmas (``alphas_cumprod = 1 / (1 + sigma^2)``).
+    """
+
+    sigmas: torch.Tensor  # [T] float32, the host's sigma at each discrete timestep
+
+    @abstractmethod
+    def _host_conds(self, cond: Conditioning) -> dict[str, torch.Tensor]:
+        """``cond`` as the host's ``apply_model`` keyword arguments."""
+
+    def _predict(self, x_t, t, cond, weights):
+        sigma = self.sigmas.to(x_t.device)[t.long().to(x_t.device)].float()
+        sigma_ = sigma.reshape(-1, 1, 1, 1)
+        scale = (1 + sigma_**2).sqrt()
+        x_in = x_t.float() * scale  # VP latents -> the host's x0 + sigma * eps
+        x0 = self.call_unet(weights, x_in, sigma, **self._host_conds(cond)).float()
+        eps = (x_in - x0) / sigma_
+        if self.schedule.prediction_type == "epsilon":
+            return eps.to(x_t.dtype)
+        return ((eps - sigma_ * x0) / scale).to(x_t.dtype)  # v = sqrt(a) eps - sqrt(1 - a) x0

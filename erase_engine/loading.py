@@ -172,8 +172,10 @@ def build_from_configs(
         if state is not None:
             if layout == "clip":
                 converted = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            else:
-                converted = convert_open_clip_checkpoint(encoder, state, prefix=prefix)
+            else:  # diffusers 0.31 splits OpenCLIP's fused q/k/v by text_projection's width; SD2 files
+                # may have none, and its fallback (projection_dim) is wrong for SD2: give it the width, no data
+                width = {prefix + "text_projection": torch.empty(config.hidden_size, 0)}
+                converted = convert_open_clip_checkpoint(encoder, {**width, **state}, prefix=prefix)
             _load_exactly(encoder, clip_state_for(encoder, converted), f"text encoder {i + 1}")
         encoders.append(encoder)
         tokenizers.append(clip_tokenizer("<|endoftext|>" if layout == "clip" else "!"))

@@ -24,6 +24,7 @@ MAX_PRESERVE_PROMPTS = 64
 OUT_OF_MEMORY_HINT = (
     "try fewer trajectories, a smaller resolution, LoRA mode (a small rank) or fewer trainable layers (xattn)"
 )
+BROKEN_MODEL_HINT = "the model file is damaged, or it runs in a precision too low for it (try full precision)"
 
 
 class ErasureCancelled(Exception):
@@ -179,6 +180,9 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     with torch.no_grad():
         encoded = denoiser.encode(prompts).detached().to(device)
     cond = {p: encoded[i] for i, p in enumerate(prompts)}
+    broken = [p for p, c in cond.items() if not all(v.isfinite().all() for v in (c.context, *c.extras.values()))]
+    if broken:
+        raise ErasureFailed(f"the model's text encoder gives NaN or inf for {broken[0]!r}: {BROKEN_MODEL_HINT}")
 
     # 2. The trajectory cache: the frozen model samples x_t once.
     use_preserve = bool(config.preserve) and objective.lambda_p > 0
@@ -191,6 +195,8 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         latent_shape(denoiser, config.resolution),
         generator,
     )
+    if not all(x.isfinite().all() for x in (*cache.latents.values(), *cache.outputs.values())):
+        raise ErasureFailed(f"the model's own samples became NaN or inf: {BROKEN_MODEL_HINT}")
     sampled = time.perf_counter()
 
     # 3. The deltas and their optimizer (the host's weights stay frozen and untouched).

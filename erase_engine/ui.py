@@ -79,8 +79,8 @@ class Host:
     def end(self) -> None:
         """The job ended, however it ended."""
 
-    def saved(self, kind: str, path: Path) -> None:
-        """A LoRA or checkpoint was written: refresh the host's lists."""
+    def saved(self, kind: str, path: Path, denoiser: Denoiser) -> None:
+        """A LoRA or checkpoint of ``denoiser``'s model was written: refresh the host's lists."""
 
 
 @dataclass
@@ -175,7 +175,7 @@ class Session:
                 job.erasure, job.denoiser, outputs["checkpoint"], if_exists="number"
             )
         for kind, path in written.items():
-            self.host.saved(kind, path)
+            self.host.saved(kind, path, job.denoiser)
         return written
 
     def request_stop(self) -> str:
@@ -204,40 +204,63 @@ def build_ui(host: Host):
         with gr.Row():
             with gr.Column():
                 form["model"] = gr.Textbox(
+                    elem_id="ce_model",
                     label="Model",
                     value=host.default_model,
                     visible=host.chooses_model,
                     info="diffusers folder, .safetensors / .ckpt file, or builtin:shapes",
                 )
                 form["folder"] = gr.Textbox(
-                    label="Save into folder", value=host.default_folder, visible=host.chooses_model
+                    label="Save into folder", value=host.default_folder, visible=host.chooses_model, elem_id="ce_folder"
                 )
                 form["erase"] = gr.Textbox(label="Erase", placeholder="e.g. Van Gogh", elem_id="ce_erase")
-                form["alternative"] = gr.Textbox(label="Replace with (optional)", placeholder="e.g. dry brushing")
-                form["preserve"] = gr.Textbox(label="Preserve (one prompt per line)", lines=3)
+                form["alternative"] = gr.Textbox(
+                    label="Replace with (optional)", placeholder="e.g. dry brushing", elem_id="ce_alternative"
+                )
+                form["preserve"] = gr.Textbox(label="Preserve (one prompt per line)", lines=3, elem_id="ce_preserve")
                 with gr.Row():
-                    form["method"] = gr.Dropdown(sorted(PRESETS), value="surgical", label="Method")
-                    form["train"] = gr.Dropdown(list(TRAINABLE_SETS), value="xattn", label="Trainable layers")
+                    form["method"] = gr.Dropdown(sorted(PRESETS), value="surgical", label="Method", elem_id="ce_method")
+                    form["train"] = gr.Dropdown(
+                        list(TRAINABLE_SETS), value="xattn", label="Trainable layers", elem_id="ce_train"
+                    )
                 with gr.Row():
-                    form["rank"] = gr.Slider(0, 128, value=4, step=1, label="LoRA rank (0 = full rank)")
-                    form["steps"] = gr.Slider(1, 2000, value=host.default_steps, step=1, label="Steps")
+                    form["rank"] = gr.Slider(
+                        0, 128, value=4, step=1, label="LoRA rank (0 = full rank)", elem_id="ce_rank"
+                    )
+                    form["steps"] = gr.Slider(
+                        1, 2000, value=host.default_steps, step=1, label="Steps", elem_id="ce_steps"
+                    )
                 with gr.Row():
-                    form["lr"] = gr.Number(value=host.default_lr, label="Learning rate")
-                    form["seed"] = gr.Number(value=0, label="Seed", precision=0)
-                with gr.Accordion("Advanced", open=False):
+                    form["lr"] = gr.Number(value=host.default_lr, label="Learning rate", elem_id="ce_lr")
+                    form["seed"] = gr.Number(value=0, label="Seed", precision=0, elem_id="ce_seed")
+                with gr.Accordion("Advanced", open=False, elem_id="ce_advanced"):
                     with gr.Row():
-                        form["eta"] = gr.Number(value=PRESET_VALUE, label="eta (-1: the method's)")
-                        form["lambda_u"] = gr.Number(value=PRESET_VALUE, label="lambda_u (-1: the method's)")
-                        form["lambda_p"] = gr.Number(value=PRESET_VALUE, label="lambda_p (-1: the method's)")
+                        form["eta"] = gr.Number(value=PRESET_VALUE, label="eta (-1: the method's)", elem_id="ce_eta")
+                        form["lambda_u"] = gr.Number(
+                            value=PRESET_VALUE, label="lambda_u (-1: the method's)", elem_id="ce_lambda_u"
+                        )
+                        form["lambda_p"] = gr.Number(
+                            value=PRESET_VALUE, label="lambda_p (-1: the method's)", elem_id="ce_lambda_p"
+                        )
                     with gr.Row():
-                        form["trajectories"] = gr.Slider(1, 32, value=4, step=1, label="Trajectories per prompt")
-                        form["sampler_steps"] = gr.Slider(1, 200, value=50, step=1, label="Sampler steps")
-                        form["sampler_cfg"] = gr.Slider(0, 15, value=3.0, step=0.5, label="Sampler CFG")
-                        form["resolution"] = gr.Number(value=0, precision=0, label="Resolution (0: the model's)")
+                        form["trajectories"] = gr.Slider(
+                            1, 32, value=4, step=1, label="Trajectories per prompt", elem_id="ce_trajectories"
+                        )
+                        form["sampler_steps"] = gr.Slider(
+                            1, 200, value=50, step=1, label="Sampler steps", elem_id="ce_sampler_steps"
+                        )
+                        form["sampler_cfg"] = gr.Slider(
+                            0, 15, value=3.0, step=0.5, label="Sampler CFG", elem_id="ce_sampler_cfg"
+                        )
+                        form["resolution"] = gr.Number(
+                            value=0, precision=0, label="Resolution (0: the model's)", elem_id="ce_resolution"
+                        )
                 with gr.Row():
                     form["name"] = gr.Textbox(label="Output name", value="erased", elem_id="ce_name")
-                    form["want_lora"] = gr.Checkbox(value=True, label="Save LoRA")
-                    form["want_checkpoint"] = gr.Checkbox(value=False, label="Save checkpoint")
+                    form["want_lora"] = gr.Checkbox(value=True, label="Save LoRA", elem_id="ce_want_lora")
+                    form["want_checkpoint"] = gr.Checkbox(
+                        value=False, label="Save checkpoint", elem_id="ce_want_checkpoint"
+                    )
                 with gr.Row():
                     start = gr.Button("Start", variant="primary", elem_id="ce_start")
                     stop = gr.Button("Stop", elem_id="ce_stop")

@@ -1,6 +1,6 @@
-"""Automatic1111 extension: the Concept Erasing tab, on the model the user has loaded.
+"""Automatic1111 / Forge extension: the Concept Erasing tab, on the model the user has loaded.
 
-A1111 loads this file by path; the engine rides in the extension folder beside it.
+The host loads this file by path; the engine rides in the extension folder beside it.
 """
 
 import sys
@@ -10,33 +10,62 @@ EXTENSION = Path(__file__).resolve().parent.parent
 if str(EXTENSION) not in sys.path:
     sys.path.insert(0, str(EXTENSION))
 
-from modules import script_callbacks, sd_models, shared  # noqa: E402  (provided by A1111)
+import torch  # noqa: E402
+from modules import script_callbacks, sd_models, shared  # noqa: E402  (provided by A1111 / Forge)
+from modules.call_queue import queue_lock  # noqa: E402
 
-from erase_engine.a1111_denoiser import A1111Denoiser  # noqa: E402
+from erase_engine.denoiser import Denoiser  # noqa: E402
 from erase_engine.ui import Host, build_ui  # noqa: E402
+
+FORGE = hasattr(sd_models, "forge_model_reload")
+
+
+def unmerge_loras(sd_model) -> None:
+    """A1111 leaves the last generation's LoRAs merged into the weights until a forward pass
+    without them; take them out now, as that pass would (Forge keeps a clean copy instead)."""
+    try:
+        import networks  # A1111's built-in Lora extension
+    except ImportError:  # disabled: nothing was merged
+        return
+    networks.loaded_networks.clear()
+    with torch.no_grad():
+        for module in sd_model.modules():
+            if getattr(module, "network_current_names", ()):
+                networks.network_restore_weights_from_backup(module)
+                module.network_current_names = ()
 
 
 class A1111Host(Host):
     """The loaded ``shared.sd_model``; LoRAs into ``--lora-dir``, checkpoints into the
-    checkpoint folder; progress and Interrupt through ``shared.state``."""
+    checkpoint folder; progress and Interrupt through ``shared.state``.  An erasure holds
+    the host's generation queue, so no generation changes the model meanwhile."""
 
     chooses_model = False
 
-    def denoiser(self, model: str) -> A1111Denoiser:
-        sd_model = shared.sd_model
-        if sd_model is None:
-            raise ValueError("no model is loaded: pick one in the checkpoint dropdown first")
-        if getattr(sd_model, "forge_objects", None) is not None:
-            raise ValueError("this is Forge's model object, which this release does not drive yet (see README)")
-        info = getattr(sd_model, "sd_checkpoint_info", None)
-        name = getattr(info, "name_for_extra", None) or "A1111 model"
-        return A1111Denoiser(sd_model, name, getattr(info, "sha256", None))
+    def denoiser(self, model: str) -> Denoiser:
+        with queue_lock:
+            if FORGE:  # Forge loads the checkpoint picked in the dropdown lazily, at the next generation
+                sd_models.forge_model_reload()
+            sd_model = shared.sd_model
+            if sd_model is None:
+                raise ValueError("no model is loaded: pick one in the checkpoint dropdown first")
+            info = getattr(sd_model, "sd_checkpoint_info", None)
+            name, sha256 = getattr(info, "name_for_extra", None) or "loaded model", getattr(info, "sha256", None)
+            if FORGE:
+                from erase_engine.forge_denoiser import ForgeDenoiser
+
+                return ForgeDenoiser(sd_model, name, sha256)
+            from erase_engine.a1111_denoiser import A1111Denoiser
+
+            unmerge_loras(sd_model)
+            return A1111Denoiser(sd_model, name, sha256)
 
     def folders(self, folder: str) -> tuple[Path, Path]:
         checkpoints = shared.cmd_opts.ckpt_dir or sd_models.model_path
         return Path(shared.cmd_opts.lora_dir), Path(checkpoints)
 
     def begin(self, total: int) -> None:
+        queue_lock.acquire()  # released in end(), on the same worker thread
         shared.state.begin(job="concept_erasing")
         shared.state.job_count = 1
         shared.state.sampling_steps = total
@@ -49,10 +78,17 @@ class A1111Host(Host):
         return bool(shared.state.interrupted)
 
     def end(self) -> None:
-        shared.state.end()
+        try:
+            shared.state.end()
+        finally:
+            queue_lock.release()
 
-    def saved(self, kind: str, path: Path) -> None:
+    def saved(self, kind: str, path: Path, denoiser: Denoiser) -> None:
         if kind == "checkpoint":
+            if FORGE and denoiser.schedule.prediction_type == "v_prediction":
+                from erase_engine.forge_denoiser import write_v_prediction_config
+
+                write_v_prediction_config(path)
             sd_models.list_models()  # the checkpoint dropdown's refresh now lists it
             return
         try:

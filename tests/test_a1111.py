@@ -8,12 +8,11 @@ Needs ``ldm`` (README, "Developing"); skipped with the reason otherwise.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 ldm_util = pytest.importorskip("ldm.util", reason="A1111's ldm classes: pip install stable-diffusion-sdkit (README)")
+from clip_l import save_clip_l  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402  (comes with ldm's requirements)
 
 from erase_engine import EraseConfig, erase_concept  # noqa: E402
@@ -22,24 +21,8 @@ from erase_engine.configs import STANDARD  # noqa: E402
 from erase_engine.deltas import WeightDeltas  # noqa: E402
 from erase_engine.denoiser import weights_sha256  # noqa: E402
 from erase_engine.export import lora_state_dict  # noqa: E402
-from erase_engine.loading import build_from_configs, clip_tokenizer  # noqa: E402
+from erase_engine.loading import build_from_configs  # noqa: E402
 
-CLIP_L = {  # openai/clip-vit-large-patch14's text tower, as FrozenCLIPEmbedder builds it
-    "architectures": ["CLIPTextModel"],
-    "model_type": "clip_text_model",
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "max_position_embeddings": 77,
-    "vocab_size": 49408,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "pad_token_id": 1,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-}
 VAE = {
     "target": "ldm.models.autoencoder.AutoencoderKL",
     "params": {
@@ -119,11 +102,7 @@ def inference_config(architecture: str, clip_folder: str) -> dict:
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def host_model(request, tmp_path_factory, monkeypatch_module):
     architecture = request.param
-    folder = tmp_path_factory.mktemp("clip-l")
-    tokenizer = clip_tokenizer()
-    assert tokenizer.vocab_size == 49408
-    tokenizer.save_pretrained(folder)
-    (folder / "config.json").write_text(json.dumps(CLIP_L))
+    folder = save_clip_l(tmp_path_factory.mktemp("clip-l"))
 
     import ldm.modules.encoders.modules as encoders
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -186,6 +165,8 @@ def test_erasure_on_the_a1111_model_trains_and_leaves_it_unchanged(host_model):
     )
     erasure = erase_concept(host, config)
     assert weights_sha256(model) == before  # nothing of the host's model changed
+    assert any(p.requires_grad for p in model.parameters())  # ldm's (and A1111's) weights ask for gradients...
+    assert all(p.grad is None for p in model.parameters())  # ...and got none (a UNet-sized .grad otherwise)
     assert any(getattr(m, "use_checkpoint", None) is True for m in model.model.diffusion_model.modules())  # restored
     assert len(erasure.losses) == 3 and all(
         torch.isfinite(torch.tensor(list(r.values()))).all() for r in erasure.losses

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from browser import chromium, needs_chromium
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from servers import free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -57,6 +57,9 @@ state = build_from_configs(STANDARD[architecture], architecture, "random").origi
 if architecture == "sd2":  # ComfyUI tells SD2-v from SD2-base by this bias's spread (trained: > 0.09)
     key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
     state[key] = torch.randn(state[key].shape).mul(0.2)
+for key in [k for k in state if k.endswith(("final_layer_norm.bias", "ln_final.bias"))]:
+    # as trained: a zero bias makes every context's mean 0, and A1111's emphasis rescaling divides by it
+    state[key] = torch.randn(state[key].shape).mul(0.1)
 save_file({k: v.half().contiguous() for k, v in state.items()}, path)
 """
 
@@ -108,12 +111,6 @@ def example(name: str, **overrides: dict) -> dict:
     return workflow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(base: Path, architecture: str, checkpoint: str, *options: str):
     """ComfyUI on the CPU in ``base`` (models, input, output), the pack linked in, one random checkpoint."""
     for folder in ("models/checkpoints", "models/loras", "input", "output", "custom_nodes", "user"):
@@ -144,23 +141,17 @@ def start_server(base: Path, architecture: str, checkpoint: str, *options: str):
         "sqlite:///:memory:",
         *options,
     ]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT)
     server = Server(base, port, log)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                server.get("/object_info/AllButOneEraseConcept")
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI did not start with the pack:\n{server.log_text()[-4000:]}")
-                time.sleep(2)
+
+    def ready() -> bool:
+        try:
+            server.get("/object_info/AllButOneEraseConcept")
+            return True
+        except OSError:
+            return False
+
+    with running("ComfyUI with the pack", command, COMFYUI_DIR, log, ready):
         yield server
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

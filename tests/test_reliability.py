@@ -281,6 +281,29 @@ def test_faults_in_the_loop_stop_at_once_keep_nothing_and_leave_the_model(
     assert "Traceback" not in err and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("where", ["text encoder", "sampler"])
+def test_a_model_that_gives_nan_is_named_before_any_training(sd1, monkeypatch, where):
+    """A1111's emphasis rescaling divides by the context's mean: a text encoder whose final
+    layer norm has no bias gives a mean of 0, and NaN. Said as such, not as a learning rate."""
+    from erase_engine import EraseConfig, erase_concept, load_denoiser
+    from erase_engine.denoiser import Conditioning
+    from erase_engine.trainer import ErasureFailed
+
+    host = load_denoiser(sd1)
+    if where == "text encoder":
+        encode = type(host).encode
+        monkeypatch.setattr(type(host), "encode", lambda self, p: Conditioning(encode(self, p).context / 0.0))
+        message = "the model's text encoder gives NaN or inf for ''"
+    else:
+        fault_in_the_loop(monkeypatch, float("nan"), at_call=1)
+        message = "the model's own samples became NaN or inf"
+    steps = []
+    config = EraseConfig(erase=["a cat"], steps=2, trajectories=1, sampler_steps=2)
+    with pytest.raises(ErasureFailed, match=message):
+        erase_concept(host, config, progress=lambda *args: steps.append(args))
+    assert steps == []  # stopped before the first training step
+
+
 def test_the_model_in_memory_is_unchanged_after_success_error_cancel_and_out_of_memory(sd1, monkeypatch):
     """The host's copy, bit for bit (all of it: UNet, VAE, text encoder), whatever the run's outcome."""
     from erase_engine import EraseConfig, ErasureCancelled, erase_concept, load_denoiser

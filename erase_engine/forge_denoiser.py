@@ -1,0 +1,175 @@
+"""The denoiser adapter for Stable Diffusion WebUI Forge: its ``shared.sd_model``, used
+as it is loaded.
+
+Only importable inside a Forge process.  Forge's model is a ``ForgeDiffusionEngine``
+whose UNet patcher holds a ``KModel``: ``apply_model`` takes a sigma and returns x0
+(``SigmaDenoiser`` converts), the UNet keeps ldm's names, and its layers are Forge's
+own Linear/Conv2d classes.  The adapter works on ``forge_objects_original``, the
+checkpoint as loaded, without the LoRAs of the last generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from backend import memory_management, utils
+from backend.diffusion_engine.sd15 import StableDiffusion
+from backend.diffusion_engine.sd20 import StableDiffusion2
+from backend.diffusion_engine.sdxl import StableDiffusionXL
+from backend.modules.k_prediction import Prediction
+
+from .denoiser import (
+    ApplyModel,
+    BaseModelInfo,
+    Conditioning,
+    NoiseSchedule,
+    SigmaDenoiser,
+    UNetLayer,
+    weights_sha256,
+)
+
+# Forge's engine class -> (our architecture name, native resolution for eps, for v)
+SUPPORTED = {
+    StableDiffusion: ("sd1", 512, 512),
+    StableDiffusion2: ("sd2", 512, 768),
+    StableDiffusionXL: ("sdxl", 1024, 1024),
+}
+TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def write_v_prediction_config(checkpoint: Path) -> Path:
+    """``name.yaml`` beside a v-prediction checkpoint: Forge's loader takes an SD2-v file's
+    prediction type only from such a file (it guesses epsilon otherwise)."""
+    config = checkpoint.with_suffix(".yaml")
+    config.write_text("model:\n  params:\n    parameterization: v\n")
+    return config
+
+
+def _saved_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """What autograd keeps of an activation: a copy, so later in-place updates cannot change it."""
+    return tensor.clone() if tensor.grad_fn is not None else tensor
+
+
+def model_architecture(engine) -> tuple[str, str, int]:
+    """(architecture, prediction type, native resolution), or a clear error for other models."""
+    predictor = engine.forge_objects_original.unet.model.predictor
+    prediction = getattr(predictor, "prediction_type", None)
+    if (
+        type(engine) not in SUPPORTED
+        or type(predictor) is not Prediction
+        or prediction not in ("epsilon", "v_prediction")
+        or engine.is_inpaint
+    ):
+        raise ValueError(
+            "concept erasing supports SD1.x, SD2.x and SDXL text-to-image models with a discrete eps or v "
+            f"schedule; this model is {type(engine).__name__} with {type(predictor).__name__} {prediction!r}"
+            + (" (an inpainting model)" if engine.is_inpaint else "")
+        )
+    architecture, eps_size, v_size = SUPPORTED[type(engine)]
+    return architecture, prediction, v_size if prediction == "v_prediction" else eps_size
+
+
+class ForgeDenoiser(SigmaDenoiser):
+    def __init__(self, engine, name: str = "Forge model", sha256: str | None = None):
+        architecture, prediction, resolution = model_architecture(engine)
+        self.engine = engine
+        self.objects = engine.forge_objects_original
+        self.patcher = self.objects.unet
+        self.base = self.patcher.model  # KModel
+        self.unet = ApplyModel(self.base)
+        sigmas = self.base.predictor.sigmas.detach().double().cpu()
+        self.sigmas = sigmas.float()
+        self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2), prediction)
+        self.latent_channels = 4
+        self.vae_scale_factor = 8
+        self.info = BaseModelInfo(name, architecture, resolution)
+        self._sha256 = sha256
+        self._load()
+        quantized = {str(layer.module.weight.dtype) for layer in self.unet_layers()} - set(map(str, TRAINABLE_DTYPES))
+        if quantized:
+            raise ValueError(
+                f"this UNet's weights are stored as {', '.join(sorted(quantized))}; concept erasing trains on "
+                "fp32, fp16 or bf16 weights: set Forge's 'Diffusion in Low Bits' to Automatic"
+            )
+
+    def _load(self) -> None:
+        """The UNet, without the last generation's patches, on its device (as a generation would)."""
+        memory_management.load_models_gpu([self.patcher])
+
+    @property
+    def device(self) -> torch.device:
+        return self.patcher.load_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.computation_dtype
+
+    @contextmanager
+    def _original_objects(self) -> Iterator[None]:
+        """The text encoder without LoRA patches: what Forge's processing itself sets before each batch."""
+        current = self.engine.forge_objects
+        self.engine.forge_objects = self.objects.shallow_copy()
+        try:
+            yield
+        finally:
+            self.engine.forge_objects = current
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        with torch.no_grad(), self._original_objects():
+            cond = self.engine.get_learned_conditioning(prompts)
+        self._load()  # the text encoder may have pushed the UNet off the device
+        if isinstance(cond, dict):  # SDXL: context and the pooled/size vector
+            return Conditioning(cond["crossattn"].to(self.device), {"y": cond["vector"].to(self.device)})
+        return Conditioning(cond.to(self.device))
+
+    def _host_conds(self, cond: Conditioning) -> dict[str, torch.Tensor]:
+        return {"c_crossattn": cond.context, **cond.extras}
+
+    def _predict(self, x_t, t, cond, weights):
+        if not weights:
+            return super()._predict(x_t, t, cond, weights)
+        # Forge's UNet is inference code: it adds residuals in place (``x += n``) after autograd
+        # saved ``x``.  The student's pass keeps copies of the activations it saves instead.
+        with torch.autograd.graph.saved_tensors_hooks(_saved_copy, lambda tensor: tensor):
+            return super()._predict(x_t, t, cond, weights)
+
+    def unet_layers(self) -> list[UNetLayer]:
+        # Forge builds its UNet with its own Linear/Conv2d classes (not torch's): go by the weight's shape.
+        return [
+            UNetLayer(name, f"model.diffusion_model.{name}.weight", module)
+            for name, module in self.base.diffusion_model.named_modules()
+            if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() in (2, 4)
+        ]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with self._original_objects():
+            images = self.engine.decode_first_stage(latents.to(self.dtype))
+        self._load()
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        with self._original_objects():
+            latents = self.engine.encode_first_stage((images * 2 - 1).to(self.device, self.dtype))
+        self._load()
+        return latents.to(self.device)
+
+    def original_state_dict(self) -> dict[str, torch.Tensor]:
+        """What Forge's own ``save_checkpoint`` writes, from the clean (LoRA-free) components."""
+        memory_management.load_models_gpu([self.patcher, self.objects.clip.patcher])
+        guess = type(self.engine).matched_guesses[0]
+        clip = utils.get_state_dict_after_quant(self.objects.clip.cond_stage_model)
+        return {
+            **utils.get_state_dict_after_quant(self.base.diffusion_model, prefix="model.diffusion_model."),
+            **guess.process_clip_state_dict_for_saving(self.engine, clip),
+            **utils.get_state_dict_after_quant(self.objects.vae.first_stage_model, prefix="first_stage_model."),
+        }
+
+    @cached_property
+    def sha256(self) -> str:
+        return self._sha256 or weights_sha256(self.base.diffusion_model)
