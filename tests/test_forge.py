@@ -14,6 +14,7 @@ interpreter (README, "Developing").  Skipped with the reason otherwise.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def loaded(request, forge, tmp_path_factory):
     same file (made in a child process: two SDXL models at once do not fit in 24 GiB)."""
     from erase_engine.forge_denoiser import ForgeDenoiser
 
+    gc.collect()  # the previous model (Forge's objects hold reference cycles) before the next is built
     architecture, folder = request.param, tmp_path_factory.mktemp("checkpoints")
     path = folder / f"random-{architecture}.safetensors"
     subprocess.run([sys.executable, "-c", MAKE_CHECKPOINT, architecture, str(path)], check=True, cwd=ROOT)
