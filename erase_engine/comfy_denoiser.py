@@ -20,7 +20,6 @@ from .denoiser import (
     ApplyModel,
     BaseModelInfo,
     Conditioning,
-    NoiseSchedule,
     SigmaDenoiser,
     UNetLayer,
     weights_sha256,
@@ -52,9 +51,7 @@ class ComfyDenoiser(SigmaDenoiser):
         self.patcher, self.clip, self.vae = model, clip, vae
         self.base = model.model
         self.unet = ApplyModel(self.base)
-        sigmas = model.get_model_object("model_sampling").sigmas.detach().double().cpu()
-        self.sigmas = sigmas.float()
-        self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2), prediction)
+        self._use_sigmas(model.get_model_object("model_sampling").sigmas, prediction)
         self.latent_channels = self.base.latent_format.latent_channels
         self.vae_scale_factor = 8
         name = f"ComfyUI {type(self.base.model_config).__name__} model"
@@ -88,9 +85,6 @@ class ComfyDenoiser(SigmaDenoiser):
         size = self.info.resolution
         y = self.base.encode_adm(pooled_output=torch.cat(pooled), width=size, height=size)
         return Conditioning(context, {"y": y.to(self.device)})
-
-    def _host_conds(self, cond: Conditioning) -> dict[str, torch.Tensor]:
-        return {"c_crossattn": cond.context, **cond.extras}
 
     def unet_layers(self) -> list[UNetLayer]:
         return [

@@ -227,16 +227,19 @@ class SigmaDenoiser(Denoiser):
 
     sigmas: torch.Tensor  # [T] float32, the host's sigma at each discrete timestep
 
-    @abstractmethod
-    def _host_conds(self, cond: Conditioning) -> dict[str, torch.Tensor]:
-        """``cond`` as the host's ``apply_model`` keyword arguments."""
+    def _use_sigmas(self, sigmas: torch.Tensor, prediction_type: str) -> None:
+        """The host's discrete sigmas, and the VP schedule they stand for."""
+        sigmas = sigmas.detach().double().cpu()
+        self.sigmas = sigmas.float()
+        self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2), prediction_type)
 
     def _predict(self, x_t, t, cond, weights):
         sigma = self.sigmas.to(x_t.device)[t.long().to(x_t.device)].float()
         sigma_ = sigma.reshape(-1, 1, 1, 1)
         scale = (1 + sigma_**2).sqrt()
         x_in = x_t.float() * scale  # VP latents -> the host's x0 + sigma * eps
-        x0 = self.call_unet(weights, x_in, sigma, **self._host_conds(cond)).float()
+        # both hosts take the context as ``c_crossattn`` and SDXL's vector as ``y``
+        x0 = self.call_unet(weights, x_in, sigma, c_crossattn=cond.context, **cond.extras).float()
         eps = (x_in - x0) / sigma_
         if self.schedule.prediction_type == "epsilon":
             return eps.to(x_t.dtype)

@@ -26,7 +26,6 @@ from .denoiser import (
     ApplyModel,
     BaseModelInfo,
     Conditioning,
-    NoiseSchedule,
     SigmaDenoiser,
     UNetLayer,
     weights_sha256,
@@ -81,9 +80,7 @@ class ForgeDenoiser(SigmaDenoiser):
         self.patcher = self.objects.unet
         self.base = self.patcher.model  # KModel
         self.unet = ApplyModel(self.base)
-        sigmas = self.base.predictor.sigmas.detach().double().cpu()
-        self.sigmas = sigmas.float()
-        self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2), prediction)
+        self._use_sigmas(self.base.predictor.sigmas, prediction)
         self.latent_channels = 4
         self.vae_scale_factor = 8
         self.info = BaseModelInfo(name, architecture, resolution)
@@ -125,9 +122,6 @@ class ForgeDenoiser(SigmaDenoiser):
         if isinstance(cond, dict):  # SDXL: context and the pooled/size vector
             return Conditioning(cond["crossattn"].to(self.device), {"y": cond["vector"].to(self.device)})
         return Conditioning(cond.to(self.device))
-
-    def _host_conds(self, cond: Conditioning) -> dict[str, torch.Tensor]:
-        return {"c_crossattn": cond.context, **cond.extras}
 
     def _predict(self, x_t, t, cond, weights):
         if not weights:
