@@ -1,14 +1,16 @@
 """Surgical concept erasing for Stable Diffusion ("All but One", AAAI 2024)."""
 
-__version__ = "0.2.0"  # the same as pyproject.toml's (the Comfy Registry reads it there)
-
-from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer  # noqa: E402
-from .export import lora_state_dict, save_checkpoint, save_lora  # noqa: E402
-from .loading import load_denoiser  # noqa: E402
-from .objective import PRESETS, Objective, erase_target, make_objective  # noqa: E402
-from .trainer import EraseConfig, Erasure, ErasureCancelled, erase_concept  # noqa: E402
+from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule
+from .exports import lora_state_dict, save_checkpoint, save_lora
+from .hosts.diffusers_loading import load_denoiser
+from .layers import UNetLayer
+from .objective import PRESETS, Objective, erase_target, make_objective
+from .parameters import PARAMETERS, EraseConfig
+from .trainer import Erasure, ErasureCancelled, ErasureFailed, erase_concept
+from .version import __version__
 
 __all__ = [
+    "PARAMETERS",
     "PRESETS",
     "BaseModelInfo",
     "Conditioning",
@@ -16,6 +18,7 @@ __all__ = [
     "EraseConfig",
     "Erasure",
     "ErasureCancelled",
+    "ErasureFailed",
     "NoiseSchedule",
     "Objective",
     "UNetLayer",

@@ -11,31 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .denoiser import UNetLayer
-
-TRAINABLE_SETS = ("xattn", "xattn-kv", "noxattn", "full")
-
-
-def is_trainable(ldm_name: str, train: str) -> bool:
-    """ESD's parameter groups, decided on original-layout names so every host agrees.
-
-    ``xattn`` (ESD-x): cross-attention; ``xattn-kv``: only its key/value
-    projections; ``noxattn`` (ESD-u): everything but cross-attention, the time
-    embedding and the output head; ``full``: every layer.
-    """
-    if train == "xattn":
-        return ".attn2." in ldm_name
-    if train == "xattn-kv":
-        return ldm_name.endswith((".attn2.to_k", ".attn2.to_v"))
-    if train == "noxattn":
-        return ".attn2." not in ldm_name and not ldm_name.startswith(("time_embed.", "out."))
-    if train == "full":
-        return True
-    raise ValueError(f"unknown trainable set {train!r}; choose one of {', '.join(TRAINABLE_SETS)}")
-
-
-def kohya_name(ldm_name: str) -> str:
-    return "lora_unet_" + ldm_name.replace(".", "_")
+from .layers import UNetLayer, is_trainable, kohya_name
 
 
 class LoRADelta(nn.Module):
@@ -73,15 +49,15 @@ class FullDelta(nn.Module):
 
 
 class WeightDeltas(nn.Module):
-    """The trained state of an erasure: one delta per selected UNet layer, keyed by
-    its kohya name."""
+    """The trained state of an erasure: one delta per selected UNet layer (``by_layer``),
+    keyed by its kohya name."""
 
     def __init__(self, layers: dict[str, UNetLayer], deltas: dict[str, nn.Module], rank: int | None, alpha: float):
         super().__init__()
         if not layers:
             raise ValueError("no layer of this model is selected")
         self.layers, self.rank, self.alpha = layers, rank, alpha
-        self.deltas = nn.ModuleDict(deltas)
+        self.by_layer = nn.ModuleDict(deltas)
 
     @classmethod
     def create(cls, layers: list[UNetLayer], train: str, rank: int | None, alpha: float | None = None) -> WeightDeltas:
@@ -137,7 +113,7 @@ class WeightDeltas(nn.Module):
         return self.rank is not None
 
     def delta(self, key: str) -> torch.Tensor:
-        return self.deltas[key]()
+        return self.by_layer[key]()
 
     def patched_weights(self) -> dict[str, torch.Tensor]:
         """``{unet parameter name: W + delta}`` for functional_call."""

@@ -7,14 +7,17 @@ engine (objective, trajectory cache, trainer, exports) only talks to this.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from .files import weights_sha256
+from .layers import UNetLayer, list_unet_layers
 
 if TYPE_CHECKING:
     from .deltas import WeightDeltas
@@ -92,15 +95,6 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
-class UNetLayer:
-    """One weight-bearing layer of the UNet that a delta may be attached to."""
-
-    ldm_name: str  # module path in the original ldm/sgm layout (names the LoRA key)
-    weight_name: str  # parameter name inside ``Denoiser.unet`` (for functional_call)
-    module: nn.Module  # nn.Linear or nn.Conv2d
-
-
-@dataclass(frozen=True)
 class BaseModelInfo:
     """What an export records about the model the erasure started from."""
 
@@ -109,32 +103,31 @@ class BaseModelInfo:
     resolution: int  # native image size in pixels
 
 
-def weights_sha256(module: nn.Module) -> str:
-    """A hash of a module's weights, for models that did not come from a file."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class Denoiser(ABC):
-    """Host-independent view of a text-to-image diffusion model."""
+    """Host-independent view of a text-to-image diffusion model.
 
+    An adapter sets ``network`` (the module a prediction runs: the UNet itself, or the
+    host's wrapper around it), ``unet`` (the UNet inside it, whose layers get deltas) and
+    ``weight_prefix`` (the UNet's path inside ``network``), and implements the abstract
+    methods; layers, hashing and the student's forward pass are the same for every host.
+    """
+
+    network: nn.Module
     unet: nn.Module
+    weight_prefix: str = ""
     schedule: NoiseSchedule
     latent_channels: int
     vae_scale_factor: int  # image pixels per latent pixel
     info: BaseModelInfo
-    sha256: str  # of the base model (may be computed lazily: it can take seconds)
+    known_sha256: str | None = None  # the host's own hash of the model file, when it has one
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.network.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.network.parameters()).dtype
 
     @abstractmethod
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -144,11 +137,7 @@ class Denoiser(ABC):
     def _predict(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, weights: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Raw model output (eps or v) with ``weights`` overriding UNet parameters."""
-
-    @abstractmethod
-    def unet_layers(self) -> list[UNetLayer]:
-        """Every Linear/Conv2d layer of the UNet, named in the original layout."""
+        """Raw model output (eps or v) with ``weights`` overriding ``network`` parameters."""
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -161,6 +150,31 @@ class Denoiser(ABC):
     @abstractmethod
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model (UNet, text encoders, VAE) in the original single-file layout."""
+
+    def ldm_name(self, module_path: str) -> str:
+        """A UNet module's name in the original layout (most hosts use it already)."""
+        return module_path
+
+    def unet_layers(self) -> list[UNetLayer]:
+        """Every linear and convolution layer of the UNet, named in the original layout."""
+        return list_unet_layers(self.unet, self.weight_prefix, self.ldm_name)
+
+    def reload_metadata(self) -> dict[str, str]:
+        """Header entries a checkpoint of this model needs to be reloaded by this adapter."""
+        return {}
+
+    @cached_property
+    def sha256(self) -> str:
+        """The base model's hash: the host's own, else one of the UNet's weights (seconds)."""
+        return self.known_sha256 or weights_sha256(self.unet)
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        """(channels, height, width) of the latents of square images of ``resolution`` pixels."""
+        pixels = resolution or self.info.resolution
+        if pixels % self.vae_scale_factor:
+            raise ValueError(f"resolution must be a multiple of {self.vae_scale_factor}, got {pixels}")
+        size = pixels // self.vae_scale_factor
+        return (self.latent_channels, size, size)
 
     def output(
         self,
@@ -177,24 +191,34 @@ class Denoiser(ABC):
         weights = deltas.patched_weights() if deltas is not None else {}
         return self._predict(x_t, t, cond, weights)
 
-    def call_unet(self, weights: dict[str, torch.Tensor], *args, **kwargs):
+    def call_network(self, weights: dict[str, torch.Tensor], *args, **kwargs):
         if not weights:
-            return self.unet(*args, **kwargs)
-        return functional_call(self.unet, {**self._frozen_weights(), **weights}, args, kwargs, strict=False)
+            return self.network(*args, **kwargs)
+        return functional_call(self.network, {**self._frozen_weights(), **weights}, args, kwargs, strict=False)
 
     _aliases: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None  # (parameter addresses, aliases)
 
     def _frozen_weights(self) -> dict[str, torch.Tensor]:
-        """What the student sees of every UNet weight it does not train: an alias of the same
+        """What the student sees of every weight it does not train: an alias of the same
         memory that needs no gradient (a host's parameters may ask for one: A1111's do, and
         autograd would fill a ``.grad`` the size of the UNet) and that autograd can save (a
         host may have made its weights under ``torch.inference_mode``: ComfyUI's, Forge's).
         Rebuilt if the host swapped any parameter."""
-        named = dict(self.unet.named_parameters())
+        named = dict(self.network.named_parameters())
         addresses = tuple(p.data_ptr() for p in named.values())
         if self._aliases is None or self._aliases[0] != addresses:
             self._aliases = addresses, {name: normal_alias(p.detach()) for name, p in named.items()}
         return self._aliases[1]
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """A VAE's output in [-1, 1] as images in [0, 1] (float32)."""
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_signed_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as a VAE's input in [-1, 1]."""
+    return images * 2 - 1
 
 
 def normal_alias(tensor: torch.Tensor) -> torch.Tensor:
@@ -202,45 +226,3 @@ def normal_alias(tensor: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode(False):
         alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
         return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
-
-
-class ApplyModel(nn.Module):
-    """``forward`` is the host's ``apply_model(x, sigma, **conds) -> x0`` (ComfyUI's
-    ``BaseModel``, Forge's ``KModel``); parameter names are the single-file ones
-    (``model.diffusion_model.…``), so ``functional_call`` can swap them."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **conds) -> torch.Tensor:
-        return self.model.apply_model(x, sigma, transformer_options={}, **conds)
-
-
-class SigmaDenoiser(Denoiser):
-    """A host whose ``apply_model(x, sigma, **conds)`` takes k-diffusion's input
-    ``x0 + sigma * eps`` and returns the denoised x0 (ComfyUI, Forge).
-
-    The engine speaks discrete VP timesteps and the model's own output (eps or v),
-    so this converts both ways with the host's sigmas (``alphas_cumprod = 1 / (1 + sigma^2)``).
-    """
-
-    sigmas: torch.Tensor  # [T] float32, the host's sigma at each discrete timestep
-
-    def _use_sigmas(self, sigmas: torch.Tensor, prediction_type: str) -> None:
-        """The host's discrete sigmas, and the VP schedule they stand for."""
-        sigmas = sigmas.detach().double().cpu()
-        self.sigmas = sigmas.float()
-        self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2), prediction_type)
-
-    def _predict(self, x_t, t, cond, weights):
-        sigma = self.sigmas.to(x_t.device)[t.long().to(x_t.device)].float()
-        sigma_ = sigma.reshape(-1, 1, 1, 1)
-        scale = (1 + sigma_**2).sqrt()
-        x_in = x_t.float() * scale  # VP latents -> the host's x0 + sigma * eps
-        # both hosts take the context as ``c_crossattn`` and SDXL's vector as ``y``
-        x0 = self.call_unet(weights, x_in, sigma, c_crossattn=cond.context, **cond.extras).float()
-        eps = (x_in - x0) / sigma_
-        if self.schedule.prediction_type == "epsilon":
-            return eps.to(x_t.dtype)
-        return ((eps - sigma_ * x0) / scale).to(x_t.dtype)  # v = sqrt(a) eps - sqrt(1 - a) x0

@@ -87,6 +87,54 @@ def unet_ldm_name(name: str, unet_config: Mapping) -> str:
     raise KeyError(f"no original-layout name for UNet parameter {name!r}")
 
 
+_RESNET_NAMES = {ldm: diffusers for diffusers, ldm in _RESNET_PARTS.items()}
+_UNET_FIXED_NAMES = {ldm: diffusers for diffusers, ldm in _UNET_FIXED.items()}
+
+
+def layers_per_block(ldm_names: list[str]) -> int:
+    """The resnets per down block of a UNet, from its layers' original-layout names: the
+    down path has ``levels * n`` resnets, the up path ``levels * (n + 1)``."""
+    down = {n.split(".")[1] for n in ldm_names if re.match(r"input_blocks\.\d+\.0\.in_layers\.", n)}
+    up = {n.split(".")[1] for n in ldm_names if re.match(r"output_blocks\.\d+\.0\.in_layers\.", n)}
+    if not down or len(up) <= len(down):
+        raise ValueError("not a UNet in the original layout: its down and up paths do not match")
+    return len(down) // (len(up) - len(down))
+
+
+def unet_diffusers_name(name: str, per_block: int) -> str:
+    """The inverse of ``unet_ldm_name`` for a module path: ``input_blocks.2.1.proj_in`` ->
+    ``down_blocks.0.attentions.1.proj_in`` (``per_block`` resnets per down block)."""
+    for prefix, diffusers in _UNET_FIXED_NAMES.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return diffusers + name[len(prefix) :]
+
+    def resnet_part(rest: str) -> str:
+        for ldm, diffusers in _RESNET_NAMES.items():
+            if rest == ldm or rest.startswith(ldm + "."):
+                return diffusers + rest[len(ldm) :]
+        raise KeyError(f"no diffusers name for UNet module {name!r}")
+
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.([01])\.(.+)", name):
+        level, position = divmod(int(m[1]) - 1, per_block + 1)
+        if position == per_block:  # the level's downsampler
+            return f"down_blocks.{level}.downsamplers.0.conv"
+        if m[2] == "0":
+            return f"down_blocks.{level}.resnets.{position}.{resnet_part(m[3])}"
+        return f"down_blocks.{level}.attentions.{position}.{m[3]}"
+    if m := re.fullmatch(r"middle_block\.(\d)\.(.+)", name):
+        if m[1] == "1":
+            return f"mid_block.attentions.0.{m[2]}"
+        return f"mid_block.resnets.{int(m[1]) // 2}.{resnet_part(m[2])}"
+    if m := re.fullmatch(r"output_blocks\.(\d+)\.([012])\.(.+)", name):
+        block, position = divmod(int(m[1]), per_block + 1)
+        if m[3] == "conv" and m[2] != "0":  # the block's upsampler (after its attention, if any)
+            return f"up_blocks.{block}.upsamplers.0.conv"
+        if m[2] == "0":
+            return f"up_blocks.{block}.resnets.{position}.{resnet_part(m[3])}"
+        return f"up_blocks.{block}.attentions.{position}.{m[3]}"
+    raise KeyError(f"no diffusers name for UNet module {name!r}")
+
+
 def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping) -> dict[str, torch.Tensor]:
     return {UNET_PREFIX + unet_ldm_name(k, unet_config): v for k, v in state_dict.items()}
 

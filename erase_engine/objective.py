@@ -1,4 +1,4 @@
-"""The guidance-surgery objective (DESIGN.md §2) and its presets.
+"""The guidance-surgery objective (docs/method.md, sections 1 and 2) and its presets.
 
 Classifier-free guidance splits a prediction into an unconditional score and a
 guidance term ``g(x, c) = e(x, c) - e(x, 0)``.  The surgery rewrites only the

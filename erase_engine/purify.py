@@ -8,6 +8,7 @@ import torch
 
 from .deltas import WeightDeltas
 from .denoiser import Denoiser
+from .report import to_pil
 from .sampling import ddim_invert, ddim_sample
 
 
@@ -36,8 +37,6 @@ def purify_picture(
     (worked on as RGB at ``size`` pixels square, the model's resolution by default)."""
     import numpy as np
     from PIL import Image
-
-    from .report import to_pil
 
     size = size or denoiser.info.resolution
     rgb = np.array(picture.convert("RGB").resize((size, size), Image.BICUBIC))

@@ -8,32 +8,23 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .denoiser import Denoiser
-from .sampling import ddim_sample
-from .trainer import Erasure, latent_shape
+from .sampling import generate
+from .trainer import Erasure
 
 LABEL_WIDTH = 160
 
 
 def before_after_images(
-    denoiser: Denoiser,
-    erasure: Erasure,
-    prompts: list[str],
-    seeds: list[int],
-    steps: int = 25,
-    cfg_scale: float = 7.5,
+    erasure: Erasure, prompts: list[str], seeds: list[int], steps: int = 25, cfg_scale: float = 7.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [P, S, 3, H, W] of the original and the erased model, same prompts and seeds."""
-    shape = latent_shape(denoiser, erasure.config.resolution)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    noise = noise.repeat(len(prompts), 1, 1, 1).to(denoiser.device, denoiser.dtype)
-    cond = denoiser.encode(prompts).repeat(len(seeds)).to(denoiser.device)
-    images = []
-    for deltas in (None, erasure.deltas):
-        latents, _, _ = ddim_sample(denoiser, cond, noise, steps, cfg_scale, deltas)
-        decoded = denoiser.decode(latents).cpu()
-        images.append(decoded.reshape(len(prompts), len(seeds), *decoded.shape[1:]))
-    return images[0], images[1]
+    every_prompt = [p for p in prompts for _ in seeds]
+    every_seed = seeds * len(prompts)
+    images = [
+        generate(erasure.denoiser, every_prompt, every_seed, steps, cfg_scale, deltas, erasure.config.resolution)
+        for deltas in (None, erasure.deltas)
+    ]
+    return tuple(i.reshape(len(prompts), len(seeds), *i.shape[1:]) for i in images)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -84,7 +75,6 @@ def loss_plot(losses: list[dict[str, float]], width: int = 640, height: int = 36
 
 def write_report(
     folder: str | Path,
-    denoiser: Denoiser,
     erasure: Erasure,
     seeds: list[int] | None = None,
     outputs: dict[str, str] | None = None,
@@ -94,13 +84,13 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     seeds = seeds or [erasure.config.seed + i for i in range(4)]
     prompts = list(dict.fromkeys(erasure.config.erase + erasure.config.preserve))
-    before, after = before_after_images(denoiser, erasure, prompts, seeds)
+    before, after = before_after_images(erasure, prompts, seeds)
     grid_image(prompts, before, after).save(folder / "grid.png")
     loss_plot(erasure.losses).save(folder / "loss.png")
     drift = (after - before).abs().mean(dim=(1, 2, 3, 4))
     summary = {
-        "base_model": denoiser.info.name,
-        "architecture": denoiser.info.architecture,
+        "base_model": erasure.denoiser.info.name,
+        "architecture": erasure.denoiser.info.architecture,
         "config": erasure.config.as_dict(),
         "objective": vars(erasure.objective),
         "seconds": erasure.seconds,

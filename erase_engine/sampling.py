@@ -88,6 +88,28 @@ def ddim_sample(
     return x, trajectory, timesteps
 
 
+def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """One initial latent per seed, each from its own generator: a sample depends on its seed only."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def generate(
+    denoiser: Denoiser,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    cfg_scale: float,
+    deltas: WeightDeltas | None = None,
+    resolution: int | None = None,
+) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1], sample i of ``prompts[i]`` from seed ``seeds[i]``: with
+    and without ``deltas``, the same seeds give the same starting noise."""
+    noise = seeded_noise(denoiser.latent_shape(resolution), seeds).to(denoiser.device, denoiser.dtype)
+    cond = denoiser.encode(prompts).to(denoiser.device)
+    latents, _, _ = ddim_sample(denoiser, cond, noise, steps, cfg_scale, deltas)
+    return denoiser.decode(latents).cpu()
+
+
 @torch.no_grad()
 def ddim_invert(
     denoiser: Denoiser, latents: torch.Tensor, cond: Conditioning, steps: int, strength: float, cfg_scale: float = 1.0

@@ -1,8 +1,7 @@
-"""ComfyUI nodes: each one translates its inputs and calls ``erase_engine``."""
+"""ComfyUI nodes (V3 schema, ``comfy_api.v0_0_2``): each one translates its inputs and calls
+``erase_engine``.  The Erase Concept node's widgets are built from the parameter table."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.sd
@@ -10,25 +9,19 @@ import comfy.utils
 import folder_paths
 import numpy as np
 import torch
+from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
-from ..erase_engine.comfy_denoiser import ComfyDenoiser
-from ..erase_engine.deltas import TRAINABLE_SETS
-from ..erase_engine.export import lora_state_dict, model_file_path, save_checkpoint, save_lora
-from ..erase_engine.objective import PRESETS
+from ..erase_engine.exports import lora_state_dict, save_checkpoint, save_lora
+from ..erase_engine.files import model_file_path
+from ..erase_engine.hosts.comfyui import ComfyDenoiser
+from ..erase_engine.parameters import PARAMETERS, EraseConfig, Parameter
 from ..erase_engine.purify import purify
-from ..erase_engine.report import before_after_images, grid_image
-from ..erase_engine.trainer import PRESET_VALUE, EraseConfig, Erasure, erase_concept
+from ..erase_engine.report import before_after_images, grid_image, loss_plot
+from ..erase_engine.trainer import Erasure, erase_concept
 
 CATEGORY = "concept erasing"
 ATTACHMENT = "concept_erasure"  # the ERASURE rides on the erased MODEL too, for Purify Image
-
-
-@dataclass
-class ErasureResult:
-    """The ERASURE type: the trained deltas plus the model description the exports record."""
-
-    erasure: Erasure
-    denoiser: ComfyDenoiser
+ErasureType = io.Custom("ERASURE")  # an erase_engine.trainer.Erasure
 
 
 def comfy_patches(erasure: Erasure) -> dict[str, torch.Tensor]:
@@ -36,7 +29,7 @@ def comfy_patches(erasure: Erasure) -> dict[str, torch.Tensor]:
     (full-rank deltas as exact ``.diff`` patches)."""
     if erasure.deltas.is_lora:
         return lora_state_dict(erasure)
-    return {f"{key}.diff": erasure.deltas.delta(key).detach() for key in erasure.deltas.deltas}
+    return {f"{key}.diff": erasure.deltas.delta(key).detach() for key in erasure.deltas.by_layer}
 
 
 def image_batch(picture) -> torch.Tensor:
@@ -44,245 +37,197 @@ def image_batch(picture) -> torch.Tensor:
     return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
-def advanced(value: float, tooltip: str) -> tuple:
-    return ("FLOAT", {"default": value, "min": -1.0, "max": 100.0, "step": 0.05, "advanced": True, "tooltip": tooltip})
+def parameter_input(spec: Parameter) -> io.Input:
+    """The widget of one erasure parameter; the advanced ones are optional inputs."""
+    common = {"display_name": spec.form_label, "tooltip": spec.help, "optional": spec.advanced, "default": spec.default}
+    if spec.choices:
+        return io.Combo.Input(spec.name, options=list(spec.choices), **common)
+    if spec.kind is str:
+        return io.String.Input(spec.name, multiline=spec.multiline, **common)
+    limits = {"min": spec.form_minimum, "max": spec.maximum}
+    display = io.NumberDisplay.slider if spec.slider else None
+    if spec.kind is int:
+        control = True if spec.name == "seed" else None  # the seed's "control after generate" (fixed, increment, ...)
+        return io.Int.Input(
+            spec.name, step=spec.step, control_after_generate=control, display_mode=display, **limits, **common
+        )
+    finer = spec.minimum if 0 < spec.minimum < (spec.step or 0) else None  # lr: values below the widget's step
+    return io.Float.Input(spec.name, step=spec.step, round=finer, display_mode=display, **limits, **common)
 
 
-class EraseConcept:
-    CATEGORY = CATEGORY
-    FUNCTION = "erase"
-    RETURN_TYPES = ("MODEL", "ERASURE", "IMAGE")
-    RETURN_NAMES = ("erased_model", "erasure", "preview")
-    OUTPUT_TOOLTIPS = (
-        "The input model with the erasure applied as a patch (the input model is unchanged).",
-        "The trained deltas, for Save Erased LoRA / Save Erased Checkpoint / Purify Image.",
-        "Before (top) and after (bottom) for the erased and preserved prompts, same seeds.",
-    )
-    DESCRIPTION = "Erase a concept from the model (All but One, AAAI 2024), optionally replacing it."
+class EraseConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AllButOneEraseConcept",
+            display_name="Erase Concept",
+            category=CATEGORY,
+            description="Erase a concept from the model (All but One, AAAI 2024), optionally replacing it.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the preview (without it, a rough latent preview)."),
+                *(parameter_input(spec) for spec in PARAMETERS),
+            ],
+            outputs=[
+                io.Model.Output(
+                    display_name="erased_model",
+                    tooltip="The input model with the erasure applied as a patch (the input model is unchanged).",
+                ),
+                ErasureType.Output(
+                    display_name="erasure",
+                    tooltip="The trained deltas, for Save Erased LoRA / Save Erased Checkpoint / Purify Image.",
+                ),
+                io.Image.Output(
+                    display_name="preview",
+                    tooltip="Before (top) and after (bottom) for the erased and preserved prompts, same seeds.",
+                ),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "clip": ("CLIP",),
-                "erase": ("STRING", {"default": "", "tooltip": "The concept to erase, e.g. 'Van Gogh'."}),
-                "alternative": ("STRING", {"default": "", "tooltip": "What to draw instead (empty: nothing)."}),
-                "preserve": ("STRING", {"default": "", "multiline": True, "tooltip": "Prompts to keep, one per line."}),
-                "method": (sorted(PRESETS), {"default": "surgical"}),
-                "trainable": (list(TRAINABLE_SETS), {"default": "xattn", "tooltip": "Which UNet layers change."}),
-                "lora_rank": ("INT", {"default": 4, "min": 0, "max": 256, "tooltip": "0: full-rank deltas."}),
-                "steps": ("INT", {"default": 200, "min": 1, "max": 100000}),
-                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": 1e-7}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-            },
-            "optional": {
-                "vae": ("VAE", {"tooltip": "Decodes the preview (without it, a rough latent preview)."}),
-                "eta": advanced(PRESET_VALUE, "Negative guidance on the erased concept (-1: the method's)."),
-                "lambda_u": advanced(PRESET_VALUE, "Weight of the unconditional-score term (-1: the method's)."),
-                "lambda_p": advanced(PRESET_VALUE, "Weight of the preserve term (-1: the method's)."),
-                "trajectories": ("INT", {"default": 4, "min": 1, "max": 64, "advanced": True}),
-                "sampler_steps": ("INT", {"default": 50, "min": 1, "max": 1000, "advanced": True}),
-                "sampler_cfg": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 30.0, "step": 0.5, "advanced": True}),
-                "resolution": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 4096,
-                        "step": 8,
-                        "advanced": True,
-                        "tooltip": "Image size the erasure trains at (0: the model's native).",
-                    },
-                ),
-            },
-        }
-
-    def erase(
-        self,
-        model,
-        clip,
-        erase,
-        alternative,
-        preserve,
-        method,
-        trainable,
-        lora_rank,
-        steps,
-        learning_rate,
-        seed,
-        vae=None,
-        eta=PRESET_VALUE,
-        lambda_u=PRESET_VALUE,
-        lambda_p=PRESET_VALUE,
-        trajectories=4,
-        sampler_steps=50,
-        sampler_cfg=3.0,
-        resolution=0,
-    ):
-        config = EraseConfig.from_form(
-            erase,
-            alternative,
-            preserve,
-            lora_rank,
-            resolution,
-            method=method,
-            train=trainable,
-            steps=steps,
-            lr=learning_rate,
-            seed=seed,
-            eta=eta,
-            lambda_u=lambda_u,
-            lambda_p=lambda_p,
-            trajectories=trajectories,
-            sampler_steps=sampler_steps,
-            sampler_cfg=sampler_cfg,
-        )
-        bar = comfy.utils.ProgressBar(steps)
+    def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:
+        config = EraseConfig.from_form(values)
+        bar = comfy.utils.ProgressBar(config.steps)
 
         def progress(step: int, total: int, losses: dict[str, float]) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
             bar.update_absolute(step, total)
 
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
-            denoiser = ComfyDenoiser(model, clip, vae)
-            erasure = erase_concept(denoiser, config, progress=progress)
+            erasure = erase_concept(ComfyDenoiser(model, clip, vae), config, progress=progress)
             prompts = list(dict.fromkeys(config.erase + config.preserve[:3]))
-            seeds = [seed + i for i in range(2)]
-            before, after = before_after_images(denoiser, erasure, prompts, seeds, steps=sampler_steps)
+            seeds = [config.seed + i for i in range(2)]
+            before, after = before_after_images(erasure, prompts, seeds, steps=config.sampler_steps)
         erased_model, _ = comfy.sd.load_lora_for_models(model, None, comfy_patches(erasure), 1.0, 0)
-        result = ErasureResult(erasure, denoiser)
-        erased_model.set_attachments(ATTACHMENT, result)
-        return (erased_model, result, image_batch(grid_image(prompts, before, after)))
+        erased_model.set_attachments(ATTACHMENT, erasure)
+        preview = image_batch(grid_image(prompts, before, after))
+        curve = ui.PreviewImage(image_batch(loss_plot(erasure.losses)), cls=cls)  # as ComfyUI's training nodes do
+        return io.NodeOutput(erased_model, erasure, preview, ui=curve)
 
 
-def save_into(folder_kind: str) -> tuple:
-    return ("STRING", {"default": "erased", "tooltip": f"File name in the first '{folder_kind}' folder (no path)."})
+def name_input(folder_kind: str) -> io.Input:
+    return io.String.Input(
+        "name", default="erased", tooltip=f"File name in the first '{folder_kind}' folder (no path)."
+    )
 
 
-class SaveNode:
-    """What the two save nodes share: an output node returning the path it wrote."""
-
-    CATEGORY = CATEGORY
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-
-    @staticmethod
-    def written(path) -> dict:
-        return {"ui": {"text": [path.name]}, "result": (str(path),)}
+def written(path) -> io.NodeOutput:
+    """What a save node returns: the path, and the file name shown on the node."""
+    return io.NodeOutput(str(path), ui={"text": [path.name]})
 
 
-class SaveErasedLoRA(SaveNode):
-    DESCRIPTION = "Write the erasure as a kohya LoRA into models/loras (an existing file is never overwritten)."
-
+class SaveErasedLoRA(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "erasure": ("ERASURE",),
-                "name": save_into("loras"),
-                "svd_rank": (
-                    "INT",
-                    {
-                        "default": 16,
-                        "min": 1,
-                        "max": 1024,
-                        "tooltip": "LoRA rank for full-rank deltas (LoRA deltas keep theirs).",
-                    },
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AllButOneSaveErasedLoRA",
+            display_name="Save Erased LoRA",
+            category=CATEGORY,
+            description="Write the erasure as a kohya LoRA into models/loras (an existing file is never overwritten).",
+            inputs=[
+                ErasureType.Input("erasure"),
+                name_input("loras"),
+                io.Int.Input(
+                    "svd_rank",
+                    default=16,
+                    min=1,
+                    max=1024,
+                    tooltip="LoRA rank for full-rank deltas (LoRA deltas keep theirs).",
                 ),
-            }
-        }
-
-    def save(self, erasure: ErasureResult, name: str, svd_rank: int):
-        path = model_file_path(folder_paths.get_folder_paths("loras")[0], name)
-        written = save_lora(erasure.erasure, erasure.denoiser, path, svd_rank=svd_rank, if_exists="number")
-        return self.written(written)
-
-
-class SaveErasedCheckpoint(SaveNode):
-    DESCRIPTION = "Write model + erasure as one checkpoint into models/checkpoints (never overwriting)."
+            ],
+            outputs=[io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The model the erasure was trained on (not the erased one)."}),
-                "clip": ("CLIP",),
-                "vae": ("VAE",),
-                "erasure": ("ERASURE",),
-                "name": save_into("checkpoints"),
-            }
-        }
+    def execute(cls, erasure: Erasure, name: str, svd_rank: int) -> io.NodeOutput:
+        path = model_file_path(folder_paths.get_folder_paths("loras")[0], name)
+        return written(save_lora(erasure, path, svd_rank=svd_rank, if_exists="number"))
 
-    def save(self, model, clip, vae, erasure: ErasureResult, name: str):
+
+class SaveErasedCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AllButOneSaveErasedCheckpoint",
+            display_name="Save Erased Checkpoint",
+            category=CATEGORY,
+            description="Write model + erasure as one checkpoint into models/checkpoints (never overwriting).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the erasure was trained on (not the erased one)."),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae"),
+                ErasureType.Input("erasure"),
+                name_input("checkpoints"),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, erasure: Erasure, name: str) -> io.NodeOutput:
         path = model_file_path(folder_paths.get_folder_paths("checkpoints")[0], name)
         denoiser = ComfyDenoiser(model, clip, vae)
-        if denoiser.info.architecture != erasure.denoiser.info.architecture:
+        trained_on = erasure.denoiser.info.architecture
+        if denoiser.info.architecture != trained_on:
             raise ValueError(
-                f"this erasure was trained on an {erasure.denoiser.info.architecture} model, "
-                f"the MODEL given is {denoiser.info.architecture}"
+                f"this erasure was trained on an {trained_on} model, the MODEL given is {denoiser.info.architecture}"
             )
-        written = save_checkpoint(erasure.erasure, denoiser, path, if_exists="number")
-        return self.written(written)
+        return written(save_checkpoint(erasure, path, if_exists="number", denoiser=denoiser))
 
 
-class PurifyImage:
-    CATEGORY = CATEGORY
-    FUNCTION = "purify"
-    RETURN_TYPES = ("IMAGE",)
-    DESCRIPTION = "DDIM-invert the image with the original model, regenerate it with the erased one."
+class PurifyImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AllButOnePurifyImage",
+            display_name="Purify Image",
+            category=CATEGORY,
+            description="DDIM-invert the image with the original model, regenerate it with the erased one.",
+            inputs=[
+                io.Image.Input("image"),
+                io.Vae.Input("vae"),
+                io.Clip.Input("clip"),
+                io.Model.Input("model", tooltip="The original model."),
+                io.String.Input("prompt", default="", multiline=True, tooltip="What the image shows."),
+                io.Int.Input("steps", default=50, min=1, max=1000),
+                io.Float.Input(
+                    "strength",
+                    default=0.7,
+                    min=0.05,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="How far to invert: more removes more, keeps less.",
+                ),
+                ErasureType.Input("erasure", optional=True),
+                io.Model.Input(
+                    "erased_model", optional=True, tooltip="Instead of ERASURE: the MODEL output of Erase Concept."
+                ),
+            ],
+            outputs=[io.Image.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image": ("IMAGE",),
-                "vae": ("VAE",),
-                "clip": ("CLIP",),
-                "model": ("MODEL", {"tooltip": "The original model."}),
-                "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "What the image shows."}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-                "strength": (
-                    "FLOAT",
-                    {
-                        "default": 0.7,
-                        "min": 0.05,
-                        "max": 1.0,
-                        "step": 0.05,
-                        "tooltip": "How far to invert: more removes more, keeps less.",
-                    },
-                ),
-            },
-            "optional": {
-                "erasure": ("ERASURE",),
-                "erased_model": ("MODEL", {"tooltip": "Instead of ERASURE: the MODEL output of Erase Concept."}),
-            },
-        }
-
-    def purify(self, image, vae, clip, model, prompt, steps, strength, erasure=None, erased_model=None):
+    def execute(
+        cls, image, vae, clip, model, prompt, steps, strength, erasure=None, erased_model=None
+    ) -> io.NodeOutput:
         if erasure is None and erased_model is not None:
             erasure = erased_model.get_attachment(ATTACHMENT)
         if erasure is None:
             raise ValueError("connect an ERASURE, or the erased MODEL that Erase Concept returned")
         with torch.inference_mode(False):
             denoiser = ComfyDenoiser(model, clip, vae)
-            deltas = erasure.erasure.deltas.to(denoiser.device)
+            deltas = erasure.deltas.to(denoiser.device)
             images = image.movedim(-1, 1)[:, :3].clone()
             purified = purify(denoiser, images, [prompt] * len(images), deltas, steps, strength)
-        return (purified.movedim(1, -1).cpu(),)
+        return io.NodeOutput(purified.movedim(1, -1).cpu())
 
 
-NODE_CLASS_MAPPINGS = {
-    "AllButOneEraseConcept": EraseConcept,
-    "AllButOneSaveErasedLoRA": SaveErasedLoRA,
-    "AllButOneSaveErasedCheckpoint": SaveErasedCheckpoint,
-    "AllButOnePurifyImage": PurifyImage,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "AllButOneEraseConcept": "Erase Concept",
-    "AllButOneSaveErasedLoRA": "Save Erased LoRA",
-    "AllButOneSaveErasedCheckpoint": "Save Erased Checkpoint",
-    "AllButOnePurifyImage": "Purify Image",
-}
+class ConceptErasingExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [EraseConcept, SaveErasedLoRA, SaveErasedCheckpoint, PurifyImage]
+
+
+async def comfy_entrypoint() -> ConceptErasingExtension:
+    return ConceptErasingExtension()

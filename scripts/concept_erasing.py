@@ -15,7 +15,7 @@ from modules import script_callbacks, sd_models, shared  # noqa: E402  (provided
 from modules.call_queue import queue_lock  # noqa: E402
 
 from erase_engine.denoiser import Denoiser  # noqa: E402
-from erase_engine.ui import Host, build_ui  # noqa: E402
+from erase_engine.frontends.web import Host, build_ui  # noqa: E402
 
 FORGE = hasattr(sd_models, "forge_model_reload")
 
@@ -52,10 +52,10 @@ class A1111Host(Host):
             info = getattr(sd_model, "sd_checkpoint_info", None)
             name, sha256 = getattr(info, "name_for_extra", None) or "loaded model", getattr(info, "sha256", None)
             if FORGE:
-                from erase_engine.forge_denoiser import ForgeDenoiser
+                from erase_engine.hosts.forge import ForgeDenoiser
 
                 return ForgeDenoiser(sd_model, name, sha256)
-            from erase_engine.a1111_denoiser import A1111Denoiser
+            from erase_engine.hosts.a1111 import A1111Denoiser
 
             unmerge_loras(sd_model)
             return A1111Denoiser(sd_model, name, sha256)
@@ -86,7 +86,7 @@ class A1111Host(Host):
     def saved(self, kind: str, path: Path, denoiser: Denoiser) -> None:
         if kind == "checkpoint":
             if FORGE and denoiser.schedule.prediction_type == "v_prediction":
-                from erase_engine.forge_denoiser import write_v_prediction_config
+                from erase_engine.hosts.forge import write_v_prediction_config
 
                 write_v_prediction_config(path)
             sd_models.list_models()  # the checkpoint dropdown's refresh now lists it

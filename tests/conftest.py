@@ -1,4 +1,4 @@
-"""Tiny SD1 / SD2-v / SDXL models built in code, saved as diffusers folders (no network)."""
+"""Fixtures: tiny SD1 / SD2-v / SDXL models built in code (no network), and what they give."""
 
 from __future__ import annotations
 
@@ -6,88 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from safetensors.torch import save_file
+from support.cli_runs import erase_args, run
+from support.models import ARCHITECTURES, build_tiny_model
 
-from erase_engine.loading import clip_tokenizer, load_denoiser
-
-ARCHITECTURES = ("sd1", "sd2", "sdxl")
-
-
-def _text_encoder(hidden_act: str, with_projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=77,
-        hidden_act=hidden_act,
-        projection_dim=32,
-    )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-
-
-def build_tiny_model(folder: Path, architecture: str, seed: int = 0) -> Path:
-    """A random-weight model of the given family, small enough for CPU tests."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    common = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8
-    )
-    if architecture == "sdxl":
-        unet = UNet2DConditionModel(
-            **common,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2),
-            attention_head_dim=(2, 4),
-            cross_attention_dim=64,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=32 + 6 * 8,
-        )
-        encoders = {"text_encoder": _text_encoder("quick_gelu"), "text_encoder_2": _text_encoder("gelu", True)}
-    else:
-        unet = UNet2DConditionModel(
-            **common,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=8,
-            cross_attention_dim=32,
-            use_linear_projection=architecture == "sd2",
-        )
-        encoders = {"text_encoder": _text_encoder("gelu" if architecture == "sd2" else "quick_gelu")}
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    prediction_type = "v_prediction" if architecture == "sd2" else "epsilon"
-    scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "StableDiffusionXLPipeline" if architecture == "sdxl" else "StableDiffusionPipeline"}
-    for name, module in {"unet": unet, "vae": vae, "scheduler": scheduler, **encoders}.items():
-        module.save_pretrained(folder / name)
-        index[name] = ["diffusers" if name in ("unet", "vae", "scheduler") else "transformers", type(module).__name__]
-    for name, encoder in encoders.items():
-        tokenizer_name = name.replace("text_encoder", "tokenizer")
-        open_clip = encoder.config.hidden_act == "gelu"  # OpenCLIP pads with "!", OpenAI's CLIP with <|endoftext|>
-        clip_tokenizer("!" if open_clip else "<|endoftext|>").save_pretrained(folder / tokenizer_name)
-        index[tokenizer_name] = ["transformers", "CLIPTokenizer"]
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
+from erase_engine import load_denoiser
+from erase_engine.hosts.diffusers_configs import CONFIG_METADATA_KEY
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +28,26 @@ def architecture(request) -> str:
 @pytest.fixture
 def tiny_denoiser(tiny_model_dirs, architecture):
     return load_denoiser(tiny_model_dirs[architecture])
+
+
+@pytest.fixture
+def sd1(tiny_model_dirs):
+    return tiny_model_dirs["sd1"]
+
+
+@pytest.fixture
+def sd1_file(tiny_model_dirs, tmp_path_factory):
+    """The tiny SD1 model as a single file in the original layout."""
+    path = tmp_path_factory.mktemp("single") / "tiny-sd1.safetensors"
+    model = load_denoiser(tiny_model_dirs["sd1"])
+    state = {k: v.contiguous() for k, v in model.original_state_dict().items()}
+    save_file(state, str(path), {CONFIG_METADATA_KEY: json.dumps(model.diffusers_configs(), default=str)})
+    return path
+
+
+@pytest.fixture
+def sd1_lora(sd1, tmp_path_factory, capsys):
+    """A LoRA erased from the tiny SD1 model by the CLI."""
+    out = tmp_path_factory.mktemp("lora") / "cat.safetensors"
+    assert run(capsys, *erase_args(sd1, out))[0] == 0
+    return out

@@ -12,16 +12,16 @@ import pytest
 import torch
 
 ldm_util = pytest.importorskip("ldm.util", reason="A1111's ldm classes: pip install stable-diffusion-sdkit (README)")
-from clip_l import save_clip_l  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402  (comes with ldm's requirements)
+from support.clip_l import save_clip_l  # noqa: E402
 
 from erase_engine import EraseConfig, erase_concept  # noqa: E402
-from erase_engine.a1111_denoiser import A1111Denoiser  # noqa: E402
-from erase_engine.configs import STANDARD  # noqa: E402
 from erase_engine.deltas import WeightDeltas  # noqa: E402
-from erase_engine.denoiser import weights_sha256  # noqa: E402
-from erase_engine.export import lora_state_dict  # noqa: E402
-from erase_engine.loading import build_from_configs  # noqa: E402
+from erase_engine.exports import lora_state_dict  # noqa: E402
+from erase_engine.files import weights_sha256  # noqa: E402
+from erase_engine.hosts.a1111 import A1111Denoiser  # noqa: E402
+from erase_engine.hosts.diffusers_configs import STANDARD  # noqa: E402
+from erase_engine.hosts.diffusers_loading import build_from_configs  # noqa: E402
 
 VAE = {
     "target": "ldm.models.autoencoder.AutoencoderKL",
@@ -171,7 +171,7 @@ def test_erasure_on_the_a1111_model_trains_and_leaves_it_unchanged(host_model):
     assert len(erasure.losses) == 3 and all(
         torch.isfinite(torch.tensor(list(r.values()))).all() for r in erasure.losses
     )
-    trained = [d.up.abs().max() for d in erasure.deltas.deltas.values()]
+    trained = [d.up.abs().max() for d in erasure.deltas.by_layer.values()]
     assert max(trained) > 0  # gradients reached the deltas through ldm's (checkpointed) blocks
 
     # The same deltas, read from the exported LoRA by the diffusers adapter, predict the same.

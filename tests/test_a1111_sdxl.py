@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from clip_l import save_clip_l
-from reference import PROMPTS, assert_matches_reference, reference_outputs
-from test_comfyui import MAKE_CHECKPOINT
+from support import ROOT
+from support.clip_l import save_clip_l
+from support.models import MAKE_CHECKPOINT
+from support.reference import PROMPTS, assert_matches_reference, reference_outputs
 
 A1111_DIR = os.environ.get("A1111_DIR")
 pytestmark = pytest.mark.skipif(
     not A1111_DIR, reason="set A1111_DIR to an A1111 checkout and run with A1111's Python (README: Developing)"
 )
-ROOT = Path(__file__).resolve().parents[1]
 ENGINE_PYTHON = os.environ.get("ENGINE_PYTHON", sys.executable)  # A1111's own may not import diffusers' models
 
 
@@ -69,7 +69,7 @@ def a1111(tmp_path_factory):
 
 
 def test_a1111_sdxl_adapter_matches_the_diffusers_adapter_on_the_same_file(a1111):
-    from erase_engine.a1111_denoiser import A1111Denoiser
+    from erase_engine.hosts.a1111 import A1111Denoiser
 
     model, reference, _ = a1111
     host = A1111Denoiser(model, "random")
@@ -79,9 +79,9 @@ def test_a1111_sdxl_adapter_matches_the_diffusers_adapter_on_the_same_file(a1111
 
 def test_a1111_sdxl_erasure_then_a1111_reads_every_lora_module_as_trained(a1111):
     from erase_engine import EraseConfig, erase_concept
-    from erase_engine.a1111_denoiser import A1111Denoiser
-    from erase_engine.denoiser import weights_sha256
-    from erase_engine.export import save_lora
+    from erase_engine.exports import save_lora
+    from erase_engine.files import weights_sha256
+    from erase_engine.hosts.a1111 import A1111Denoiser
 
     model, _, folder = a1111
     host = A1111Denoiser(model, "random")
@@ -97,12 +97,14 @@ def test_a1111_sdxl_erasure_then_a1111_reads_every_lora_module_as_trained(a1111)
     # A1111's own Lora code reads the file: every module matched, each weight update (its
     # up @ down * alpha / rank) the delta that was trained.  (Applying it in a forward pass
     # makes A1111 back up every weight of the model: a second fp32 SDXL, more than 24 GiB.)
-    save_lora(erasure, host, folder / "models/Lora/erased.safetensors")
+    save_lora(erasure, folder / "models/Lora/erased.safetensors")
     import networks  # A1111's built-in Lora extension, on sys.path once A1111 loaded its scripts
 
     networks.list_available_networks()
     net = networks.load_network("erased", networks.available_networks["erased"])
-    trained = {key.replace("lora_unet_", "diffusion_model_", 1): key for key in erasure.deltas.deltas}  # kohya -> A1111
+    trained = {
+        key.replace("lora_unet_", "diffusion_model_", 1): key for key in erasure.deltas.by_layer
+    }  # kohya -> A1111
     assert set(net.modules) == set(trained)
     with torch.no_grad():
         for key, module in net.modules.items():

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from erase_engine import EraseConfig, load_denoiser
-from erase_engine.builtin import bench
+from erase_engine.benchmarks import efficacy as bench
 from erase_engine.builtin.judge import accuracy, foreground_mask, load_judge, mask_iou
 from erase_engine.builtin.render import SHAPES, Scenes, render, shape_masks
 
@@ -27,7 +27,7 @@ def judge():
 def test_builtin_model_loads_offline_through_the_sd1_path(shapes):
     assert shapes.info.architecture == "sd1" and shapes.info.resolution == 32
     assert shapes.tokenizers[0].vocab_size == 49408
-    images = bench.generate(shapes, ["a red star on a white background", ""], seed=0)
+    images = bench.sample(shapes, ["a red star on a white background", ""], seed=0)
     assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
 
 
@@ -53,7 +53,7 @@ def test_the_model_draws_what_it_is_asked(shapes, judge):
     for shape in range(len(SHAPES)):
         for _ in range(4):
             group.add(shape, shape % 6, "white")
-    images = bench.generate(shapes, group.prompts, seed=300)
+    images = bench.sample(shapes, group.prompts, seed=300)
     shape_pred, color_pred = judge.classify(images)
     print("shape", float((shape_pred == group.wanted("shape")).float().mean()))
     assert float((shape_pred == group.wanted("shape")).float().mean()) >= 0.8
@@ -73,14 +73,14 @@ def test_short_erasure_lowers_the_concept_and_keeps_the_others(shapes, judge):
 
 def test_purify_command_round_trip(shapes, judge, tmp_path):
     lora = tmp_path / "star.safetensors"
-    cli = [sys.executable, "-m", "erase_engine.cli"]
+    cli = [sys.executable, "-m", "erase_engine"]
     erased = subprocess.run(
         [*cli, "--erase", "star", "--steps", str(CI_STEPS), "--lr", str(bench.DEFAULT_LR), "--out", str(lora)],
         capture_output=True,
         text=True,
     )
     assert erased.returncode == 0, erased.stderr
-    star = bench.generate(shapes, ["a yellow star on a black background"], seed=11)
+    star = bench.sample(shapes, ["a yellow star on a black background"], seed=11)
     assert int(judge.classify(star)[0][0]) == SHAPES.index("star")
     Image.fromarray((star[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(tmp_path / "in.png")
     purified = subprocess.run(

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors import safe_open
-from test_comfyui import example, image_array, pytestmark, start_server  # noqa: F401  (pytestmark: same skip)
+from support.comfyui import example, image_array, needs_comfyui, start_server
+
+pytestmark = needs_comfyui
 
 
 @pytest.mark.parametrize("architecture", ["sd2", "sdxl"])

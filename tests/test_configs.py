@@ -6,7 +6,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from erase_engine import ldm_layout
-from erase_engine.configs import STANDARD
+from erase_engine.hosts.diffusers_configs import STANDARD
 
 # Published parameter counts of the released models' components.
 PARAMETERS = {

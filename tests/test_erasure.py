@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from erase_engine import EraseConfig, erase_concept
-from erase_engine.deltas import WeightDeltas, is_trainable
+from erase_engine.deltas import WeightDeltas
+from erase_engine.layers import is_trainable
 from erase_engine.objective import make_objective
 from erase_engine.sampling import TrajectoryCache
 
@@ -31,7 +32,7 @@ def raw_unet(denoiser, x, t, prompt):
 
 @pytest.mark.parametrize("method, into", [("esd", ""), ("surgical", ""), ("surgical", "a dog")])
 def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, into):
-    from erase_engine.loading import load_denoiser
+    from erase_engine import load_denoiser
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
     calls = record_student_calls(denoiser)
@@ -46,7 +47,7 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
     if method == "esd":  # ESD (Gandikota et al.): e*(x,0) - eta (e*(x,c) - e*(x,0)), with eta = 1
         assert eta == 1.0
         target = e_uncond - eta * (e_cat - e_uncond)
-    else:  # DESIGN.md §2: e*(x,0) + g*(x,c_a) - eta g*(x,c_e)
+    else:  # docs/method.md, section 1: e*(x,0) + g*(x,c_a) - eta g*(x,c_e)
         e_dog = raw_unet(denoiser, x_t, t, into) if into else e_uncond
         target = e_uncond + (e_dog - e_uncond) - eta * (e_cat - e_uncond)
     # at step one the student equals the teacher, so only the erase term is non-zero
@@ -57,19 +58,19 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
 
 @pytest.mark.parametrize("train", ["xattn", "xattn-kv", "noxattn", "full"])
 def test_gradients_reach_only_the_selected_deltas(tiny_model_dirs, train):
-    from erase_engine.loading import load_denoiser
+    from erase_engine import load_denoiser
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
     layers = denoiser.unet_layers()
     deltas = WeightDeltas.create(layers, train, rank=2)
-    for module in deltas.deltas.values():  # make every delta non-zero so each can receive gradient
+    for module in deltas.by_layer.values():  # make every delta non-zero so each can receive gradient
         torch.nn.init.normal_(module.up)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     denoiser.output(x, t, denoiser.encode(["a cat"]), deltas).square().mean().backward()
 
     selected = {layer.ldm_name for layer in layers if is_trainable(layer.ldm_name, train)}
-    assert {deltas.layers[k].ldm_name for k in deltas.deltas} == selected
-    for key, module in deltas.deltas.items():
+    assert {deltas.layers[k].ldm_name for k in deltas.by_layer} == selected
+    for key, module in deltas.by_layer.items():
         assert module.down.grad is not None and module.down.grad.abs().sum() > 0, key
     assert all(p.grad is None for p in denoiser.unet.parameters())
     # the sets mean what ESD's names say
@@ -96,7 +97,7 @@ def test_base_model_is_bit_identical_after_an_erasure(tiny_denoiser, lora_rank):
         sampler_steps=3,
     )
     erasure = erase_concept(tiny_denoiser, config)
-    assert any(float(d().abs().max()) > 0 for d in erasure.deltas.deltas.values())
+    assert any(float(d().abs().max()) > 0 for d in erasure.deltas.by_layer.values())
     for module, state in zip(modules, before, strict=True):
         after = module.state_dict()
         assert after.keys() == state.keys()

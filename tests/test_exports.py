@@ -48,7 +48,7 @@ def probe(denoiser):
 @pytest.mark.parametrize("lora_rank, export_rank, atol", [(4, None, 1e-5), (None, 64, 1e-4)])
 def test_lora_file_reproduces_the_student(tiny_denoiser, tmp_path, lora_rank, export_rank, atol):
     erasure = erase_tiny(tiny_denoiser, lora_rank=lora_rank)
-    path = save_lora(erasure, tiny_denoiser, tmp_path / "erased.safetensors", svd_rank=export_rank)
+    path = save_lora(erasure, tmp_path / "erased.safetensors", svd_rank=export_rank)
     lora = load_file(path)
     assert all(
         k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in lora
@@ -69,7 +69,7 @@ def test_lora_file_reproduces_the_student(tiny_denoiser, tmp_path, lora_rank, ex
 
 def test_checkpoint_file_reloads_offline_as_the_student(tiny_denoiser, tmp_path):
     erasure = erase_tiny(tiny_denoiser)
-    path = save_checkpoint(erasure, tiny_denoiser, tmp_path / "erased.safetensors")
+    path = save_checkpoint(erasure, tmp_path / "erased.safetensors")
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
     assert any(k.startswith(UNET) for k in keys) and any(k.startswith("first_stage_model.") for k in keys)
@@ -89,7 +89,7 @@ def test_checkpoint_file_reloads_offline_as_the_student(tiny_denoiser, tmp_path)
 
 def test_metadata_describes_the_erasure(tiny_denoiser, tmp_path):
     erasure = erase_tiny(tiny_denoiser, lora_rank=4, into=["a cow"], steps=2)
-    with safe_open(str(save_lora(erasure, tiny_denoiser, tmp_path / "cat.safetensors")), "pt") as f:
+    with safe_open(str(save_lora(erasure, tmp_path / "cat.safetensors")), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["erasure.erase"]) == ["a cat"] and json.loads(meta["erasure.into"]) == ["a cow"]
     assert json.loads(meta["erasure.preserve"]) == ["a dog"]
@@ -114,7 +114,7 @@ def test_failed_write_leaves_no_file(tiny_denoiser, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError):
-        save_lora(erasure, tiny_denoiser, tmp_path / "out.safetensors")
+        save_lora(erasure, tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -122,7 +122,7 @@ def test_lora_file_loads_back_as_deltas(tiny_denoiser, tmp_path):
     from erase_engine.deltas import WeightDeltas
 
     erasure = erase_tiny(tiny_denoiser, lora_rank=4, train="xattn")
-    path = save_lora(erasure, tiny_denoiser, tmp_path / "erased.safetensors")
+    path = save_lora(erasure, tmp_path / "erased.safetensors")
     loaded = WeightDeltas.from_lora(tiny_denoiser.unet_layers(), load_file(path))
     assert loaded.layers.keys() == erasure.deltas.layers.keys()
     x, t, cond = probe(tiny_denoiser)
@@ -138,8 +138,8 @@ def test_keep_existing_gives_the_next_free_name_and_never_overwrites(tiny_denois
     erasure = erase_tiny(tiny_denoiser, lora_rank=2, steps=1)
     target = tmp_path / "erased.safetensors"
     target.write_bytes(b"the user's own file")
-    first = save_lora(erasure, tiny_denoiser, target, if_exists="number")
-    second = save_lora(erasure, tiny_denoiser, target, if_exists="number")
+    first = save_lora(erasure, target, if_exists="number")
+    second = save_lora(erasure, target, if_exists="number")
     assert (first.name, second.name) == ("erased_2.safetensors", "erased_3.safetensors")
     assert target.read_bytes() == b"the user's own file"
     assert first.read_bytes() == second.read_bytes() and load_file(first)
@@ -169,14 +169,14 @@ def test_keep_existing_gives_the_next_free_name_and_never_overwrites(tiny_denois
     ],
 )
 def test_output_names_cannot_leave_the_model_folder(tmp_path, name, problem):
-    from erase_engine.export import model_file_path
+    from erase_engine.files import model_file_path
 
     with pytest.raises(ValueError, match=problem):
         model_file_path(tmp_path, name)
 
 
 def test_plain_output_names_stay_in_the_folder(tmp_path):
-    from erase_engine.export import model_file_path
+    from erase_engine.files import model_file_path
 
     for name, expected in [
         ("van gogh", "van gogh.safetensors"),

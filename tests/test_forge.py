@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import PROMPTS, assert_matches_reference, reference_outputs, sample_input
-from test_comfyui import MAKE_CHECKPOINT
+from support import ROOT
+from support.models import MAKE_CHECKPOINT
+from support.reference import PROMPTS, assert_matches_reference, reference_outputs, sample_input
 
 FORGE_DIR = os.environ.get("FORGE_DIR")
 pytestmark = pytest.mark.skipif(
     not FORGE_DIR, reason="set FORGE_DIR to a Forge checkout and run with Forge's Python (README: Developing)"
 )
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +59,14 @@ PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
 def loaded(request, forge, tmp_path_factory):
     """Forge's model from a random checkpoint, and the diffusers adapter's predictions on the
     same file (made in a child process: two SDXL models at once do not fit in 24 GiB)."""
-    from erase_engine.forge_denoiser import ForgeDenoiser
+    from erase_engine.hosts.forge import ForgeDenoiser, write_v_prediction_config
 
     gc.collect()  # the previous model (Forge's objects hold reference cycles) before the next is built
     architecture, folder = request.param, tmp_path_factory.mktemp("checkpoints")
     path = folder / f"random-{architecture}.safetensors"
     subprocess.run([sys.executable, "-c", MAKE_CHECKPOINT, architecture, str(path)], check=True, cwd=ROOT)
     if architecture == "sd2":  # the v-prediction config Forge needs beside an SD2-v file
-        path.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: v\n")
+        write_v_prediction_config(path)
     reference = reference_outputs(path, PREDICTION[architecture], folder)
     engine = forge[0](str(path))
     yield architecture, engine, ForgeDenoiser(engine, "random"), reference
@@ -75,7 +75,7 @@ def loaded(request, forge, tmp_path_factory):
 
 
 def unet_and_text_encoder_hash(engine) -> str:
-    from erase_engine.denoiser import weights_sha256
+    from erase_engine.files import weights_sha256
 
     objects = engine.forge_objects_original
     return weights_sha256(objects.unet.model) + weights_sha256(objects.clip.cond_stage_model)
@@ -90,8 +90,8 @@ def test_forge_adapter_matches_the_diffusers_adapter_on_the_same_file(loaded):
 
 def test_erasure_leaves_forge_model_alone_and_forge_reads_back_the_lora_and_checkpoint(forge, loaded, tmp_path):
     from erase_engine import EraseConfig, erase_concept
-    from erase_engine.export import lora_state_dict, save_checkpoint
-    from erase_engine.forge_denoiser import ForgeDenoiser, write_v_prediction_config
+    from erase_engine.exports import lora_state_dict, save_checkpoint
+    from erase_engine.hosts.forge import ForgeDenoiser, write_v_prediction_config
 
     forge_loader, memory_management, load_lora, model_lora_keys_unet = forge
     architecture, engine, host, _ = loaded
@@ -125,7 +125,7 @@ def test_erasure_leaves_forge_model_alone_and_forge_reads_back_the_lora_and_chec
     if architecture == "sdxl":  # a second SDXL (the reloaded checkpoint) does not fit in 24 GiB
         return
     # The exported checkpoint, loaded by Forge's own loader, predicts what the student did.
-    path = save_checkpoint(erasure, host, tmp_path / "erased.safetensors")
+    path = save_checkpoint(erasure, tmp_path / "erased.safetensors")
     if host.schedule.prediction_type == "v_prediction":
         write_v_prediction_config(path)  # as the tab does after saving in Forge
     reloaded = ForgeDenoiser(forge_loader(str(path)), "erased")

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from erase_engine import load_denoiser
-from erase_engine.configs import STANDARD
-from erase_engine.loading import build_from_configs
+from erase_engine.hosts.diffusers_configs import STANDARD
+from erase_engine.hosts.diffusers_loading import build_from_configs
 
 
 def test_released_layout_sd15_file_loads_without_our_metadata(tmp_path):

@@ -2,9 +2,8 @@
 
 import importlib.util
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from support import ROOT
 
 
 def test_pack_folder_imports_as_a_package_by_path():
@@ -14,8 +13,9 @@ def test_pack_folder_imports_as_a_package_by_path():
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-        assert isinstance(module.NODE_CLASS_MAPPINGS, dict)
-        assert isinstance(module.NODE_DISPLAY_NAME_MAPPINGS, dict)
+        # ComfyUI takes NODE_CLASS_MAPPINGS first and would then ignore the V3 comfy_entrypoint
+        assert not hasattr(module, "NODE_CLASS_MAPPINGS")
+        assert not hasattr(module, "comfy_entrypoint")  # outside ComfyUI: nothing registered
         engine = importlib.import_module(f"{name}.erase_engine")  # the engine rides inside the pack
         assert engine.__version__ and engine.EraseConfig(erase=["x"]).erase == ["x"]
     finally:
@@ -33,6 +33,7 @@ def test_registry_metadata_and_minimal_requirements():
     assert {"PublisherId", "DisplayName", "Icon"} <= project["tool"]["comfy"].keys()
     assert (ROOT / "docs" / "icon.png").is_file() and project["tool"]["comfy"]["Icon"].endswith("docs/icon.png")
     assert "Repository" in project["project"]["urls"]
+    assert project["tool"]["comfy"]["requires-comfyui"].startswith(">=")  # the V3 node API's oldest tested
     requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     names = {r.split(">")[0].split("<")[0].split("=")[0].strip().lower() for r in requirements if r}
     assert names and not names & {"torch", "torchvision", "gradio"}  # the hosts bring their own

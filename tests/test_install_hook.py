@@ -12,8 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
 
 
 def run_hook(monkeypatch, installed: set[str]) -> list[tuple[str, str]]:

@@ -8,8 +8,8 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from erase_engine import ldm_layout
-from erase_engine.diffusers_denoiser import TEXT_ENCODER_LAYOUT
-from erase_engine.loading import detect_architecture
+from erase_engine.hosts.diffusers_loading import detect_architecture
+from erase_engine.hosts.diffusers_model import TEXT_ENCODER_LAYOUT
 
 
 def _assert_same(expected: dict, actual: dict):

@@ -1,4 +1,4 @@
-from erase_engine.loading import clip_tokenizer
+from erase_engine.tokenizer import clip_tokenizer
 
 
 def test_clip_tokenizer_is_the_real_one():

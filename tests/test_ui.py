@@ -12,8 +12,8 @@ import time
 import urllib.request
 
 import pytest
-from browser import chromium, needs_chromium
 from safetensors import safe_open
+from support.browser import chromium, fill_text, needs_chromium, status, wait_for_status
 
 pytestmark = needs_chromium
 
@@ -26,7 +26,7 @@ def app(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = folder.parent / "app.log"
-    command = [sys.executable, "-m", "erase_engine.cli", "ui", "--port", str(port), "--folder", str(folder)]
+    command = [sys.executable, "-m", "erase_engine", "ui", "--port", str(port), "--folder", str(folder)]
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_PROXY": "*"})
     url = f"http://127.0.0.1:{port}/"
@@ -53,19 +53,15 @@ def page(app):
         yield page
 
 
-def status(page) -> str:
-    return page.locator("#ce_status").first.inner_text()  # gradio 3 puts the id on two nested elements
-
-
 def test_erase_in_the_browser_shows_progress_result_and_downloads_the_lora(app, page, tmp_path):
     _, folder = app
-    page.locator("#ce_erase textarea, #ce_erase input").first.fill("star")
-    page.locator("#ce_name textarea, #ce_name input").first.fill("no-stars")
+    fill_text(page, "erase", "star")
+    fill_text(page, "name", "no-stars")
     page.click("#ce_start")
-    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('step ')", timeout=120_000)
+    wait_for_status(page, "step ", 120)
     seen = status(page)
     assert "Erasing 'star'" in seen and "loss" in seen  # live progress
-    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('Done')", timeout=300_000)
+    wait_for_status(page, "Done", 300)
     assert page.locator("#ce_grid img").count() == 1  # the before/after grid is shown
     page.screenshot(path=tmp_path / "standalone-app.png", full_page=True)
 
@@ -83,20 +79,20 @@ def test_erase_in_the_browser_shows_progress_result_and_downloads_the_lora(app, 
 def test_stop_mid_run_saves_nothing(app, page):
     _, folder = app
     before = set(folder.iterdir())
-    page.locator("#ce_erase textarea, #ce_erase input").first.fill("heart")
-    page.locator("#ce_name textarea, #ce_name input").first.fill("stopped")
+    fill_text(page, "erase", "heart")
+    fill_text(page, "name", "stopped")
     page.click("#ce_start")
-    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('step ')", timeout=120_000)
+    wait_for_status(page, "step ", 120)
     page.click("#ce_stop")
-    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('Stopped')", timeout=60_000)
+    wait_for_status(page, "Stopped", 60)
     assert "Nothing was saved" in status(page)
     assert set(folder.iterdir()) == before
 
 
 def test_bad_input_is_reported_in_the_page(app, page):
-    page.locator("#ce_erase textarea, #ce_erase input").first.fill("   ")
+    fill_text(page, "erase", "   ")
     page.click("#ce_start")
-    page.wait_for_function("document.querySelector('#ce_status').innerText.includes('Error')", timeout=60_000)
+    wait_for_status(page, "Error", 60)
     assert "non-empty concept" in status(page)
 
 
@@ -106,30 +102,20 @@ def test_purify_section_uses_the_last_erasure(tmp_path):
     pytest.importorskip("gradio")
     from PIL import Image
 
-    from erase_engine.ui import FORM, Session, StandaloneHost
+    from erase_engine.frontends.web import FORM, Session, StandaloneHost
+    from erase_engine.parameters import PARAMETERS
 
     session = Session(StandaloneHost(folder=str(tmp_path)))
     image = Image.new("RGB", (40, 24), "red")
     assert session.purify(image, "a red star", 2, 0.5) == (None, "Run an erasure first, then give an image.")
-    form = {
+    form = {spec.name: spec.default for spec in PARAMETERS} | {
         "model": "builtin:shapes",
         "folder": str(tmp_path),
         "erase": "star",
-        "alternative": "",
-        "preserve": "",
-        "method": "surgical",
-        "train": "xattn",
-        "rank": 4,
         "steps": 2,
         "lr": 3e-3,
-        "seed": 0,
-        "eta": -1,
-        "lambda_u": -1,
-        "lambda_p": -1,
         "trajectories": 1,
         "sampler_steps": 2,
-        "sampler_cfg": 3.0,
-        "resolution": 0,
         "name": "p",
         "want_lora": False,
         "want_checkpoint": False,

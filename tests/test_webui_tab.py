@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from browser import chromium, needs_chromium
-from clip_l import save_clip_l
 from PIL import Image
 from safetensors.torch import load_file
-from servers import free_port, running
-from test_comfyui import MAKE_CHECKPOINT
+from support import ROOT
+from support.browser import chromium, fill_text, needs_chromium, status, wait_for_status
+from support.clip_l import save_clip_l
+from support.models import MAKE_CHECKPOINT
+from support.servers import free_port, running
 
 pytestmark = needs_chromium
-ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = "random-sd15.safetensors"
 TINY = {"steps": 2, "trajectories": 1, "sampler_steps": 2, "resolution": 64}  # minutes on a CPU, not hours
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "*"}
@@ -130,7 +130,7 @@ def tab(webui):
         page = browser.new_page(viewport={"width": 1500, "height": 1200})
         page.goto(webui.url, timeout=120_000)
         page.locator(".tab-nav button", has_text="Concept Erasing").click(timeout=120_000)  # gradio 3 and 4
-        page.locator("#ce_erase textarea, #ce_erase input").first.fill("a photo of a cat")
+        fill_text(page, "erase", "a photo of a cat")
         page.locator("#ce_preserve textarea").first.fill("a dog")
         page.locator("#ce_advanced button, #ce_advanced .label-wrap").first.click()  # open "Advanced"
         for name, value in TINY.items():
@@ -140,20 +140,10 @@ def tab(webui):
         yield page
 
 
-def status(page) -> str:
-    return page.locator("#ce_status").first.inner_text()
-
-
-def wait_for_status(page, text: str, timeout_s: float) -> None:
-    page.wait_for_function(
-        f"document.querySelector('#ce_status').innerText.includes({json.dumps(text)})", timeout=timeout_s * 1000
-    )
-
-
 def test_erase_in_the_tab_then_use_the_lora_and_checkpoint(webui, tab, tmp_path):
     base_before = webui.txt2img("a photo of a cat")
 
-    tab.locator("#ce_name input, #ce_name textarea").first.fill("no-cat")
+    fill_text(tab, "name", "no-cat")
     tab.locator("#ce_want_checkpoint input").check()
     tab.locator("#ce_start").click()
     wait_for_status(tab, "step ", 600)
@@ -185,7 +175,7 @@ def test_erase_in_the_tab_then_use_the_lora_and_checkpoint(webui, tab, tmp_path)
     # After a generation with the LoRA (A1111 leaves it merged in the weights), the same erasure
     # again starts from the clean model: the same LoRA, tensor for tensor.
     webui.txt2img("a photo of a cat <lora:no-cat:1>")
-    tab.locator("#ce_name input, #ce_name textarea").first.fill("again")
+    fill_text(tab, "name", "again")
     tab.locator("#ce_want_checkpoint input").uncheck()
     tab.locator("#ce_start").click()
     wait_for_status(tab, "again.safetensors", 900)  # the status names what it saved
@@ -196,7 +186,7 @@ def test_erase_in_the_tab_then_use_the_lora_and_checkpoint(webui, tab, tmp_path)
 def test_the_hosts_interrupt_stops_the_erasure_and_writes_nothing(webui, tab):
     folders = [webui.base / "models/Lora", webui.base / "models/Stable-diffusion"]
     before = [sorted(folder.iterdir()) for folder in folders]
-    tab.locator("#ce_name input, #ce_name textarea").first.fill("interrupted")
+    fill_text(tab, "name", "interrupted")
     tab.locator("#ce_steps input[type=number]").fill("50")
     tab.locator("#ce_steps input[type=number]").press("Tab")
     tab.locator("#ce_start").click()

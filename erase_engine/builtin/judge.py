@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import JUDGE_WEIGHTS
 from .render import COLORS, SHAPES, Scenes, render
-
-WEIGHTS = Path(__file__).with_name("judge.safetensors")
 
 
 class Judge(nn.Module):
@@ -42,7 +41,7 @@ class Judge(nn.Module):
         return shape.argmax(1), color.argmax(1)
 
 
-def load_judge(path: Path = WEIGHTS) -> Judge:
+def load_judge(path: Path = JUDGE_WEIGHTS) -> Judge:
     from safetensors.torch import load_file
 
     judge = Judge()
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--out", type=Path, default=JUDGE_WEIGHTS)
     args = parser.parse_args(argv)
     judge = train(args.steps, args.batch, args.seed)
     from safetensors.torch import save_file

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..configs import SCHEDULER
-from ..diffusers_denoiser import DiffusersDenoiser
-from ..loading import CONFIG_METADATA_KEY, clip_tokenizer, noise_schedule
+from ..hosts.diffusers_configs import CONFIG_METADATA_KEY, SCHEDULER
+from ..hosts.diffusers_loading import noise_schedule
+from ..hosts.diffusers_model import DiffusersDenoiser
+from ..tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
+from . import BUILTIN_MODEL, SHAPES_WEIGHTS
 from .render import IMAGE_SIZE, Scenes, captions, render
-
-WEIGHTS = Path(__file__).with_name("shapes.safetensors")
 
 CONFIGS = {
     "unet": {
@@ -49,7 +49,7 @@ CONFIGS = {
         "sample_size": IMAGE_SIZE,
     },
     "text_encoder": {
-        "vocab_size": 49408,
+        "vocab_size": CLIP_VOCAB_SIZE,
         "hidden_size": 64,
         "intermediate_size": 256,
         "num_attention_heads": 4,
@@ -151,7 +151,7 @@ def train_unet(
 
 def export(vae, unet, text_encoder, scaling_factor: float, path: Path, note: dict) -> None:
     """Write the single file (copies: the adapter freezes the modules it is given)."""
-    from ..export import write_safetensors
+    from ..files import write_safetensors
 
     configs = {**CONFIGS, "vae": {**CONFIGS["vae"], "scaling_factor": scaling_factor}}
     unet, vae, text_encoder = (copy.deepcopy(m).cpu() for m in (unet, vae, text_encoder))
@@ -162,7 +162,7 @@ def export(vae, unet, text_encoder, scaling_factor: float, path: Path, note: dic
     state = {k: v.half() for k, v in denoiser.original_state_dict().items()}
     metadata = {
         CONFIG_METADATA_KEY: json.dumps(configs, sort_keys=True),
-        "modelspec.title": "builtin:shapes",
+        "modelspec.title": BUILTIN_MODEL,
         "modelspec.architecture": "stable-diffusion-v1",
         "modelspec.description": "a small text-to-image model of coloured shapes, trained by erase_engine",
         "shapes.training": json.dumps(note, sort_keys=True),
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dataset", type=int, default=60000, help="encoded training images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--out", type=Path, default=SHAPES_WEIGHTS)
     parser.add_argument("--resume", type=Path, help="continue training the model in this file")
     args = parser.parse_args(argv)
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - started:7.0f}s] {message}", flush=True)
 
     if args.resume is not None:  # continue from a saved file: its VAE, UNet and text encoder
-        from ..loading import load_denoiser
+        from ..hosts.diffusers_loading import load_denoiser
 
         saved = load_denoiser(args.resume)
         vae, unet, text_encoder = saved.vae, saved.unet, saved.text_encoders[0]

@@ -9,53 +9,40 @@ student's weights are swapped in with ``functional_call``.
 from __future__ import annotations
 
 import math
-from functools import cached_property
 
 import comfy.model_management
 import comfy.model_sampling
 import torch
-from torch import nn
 
-from .denoiser import (
-    ApplyModel,
-    BaseModelInfo,
-    Conditioning,
-    SigmaDenoiser,
-    UNetLayer,
-    weights_sha256,
-)
+from ..denoiser import Conditioning
+from .sigma import SigmaDenoiser
 
-# ComfyUI's model config class -> (our architecture name, native resolution for eps, for v)
-SUPPORTED = {"SD15": ("sd1", 512, 512), "SD20": ("sd2", 512, 768), "SDXL": ("sdxl", 1024, 1024)}
+# ComfyUI's model config class -> the engine's architecture name
+ARCHITECTURE = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
 PREDICTION = {comfy.model_sampling.EPS: "epsilon", comfy.model_sampling.V_PREDICTION: "v_prediction"}
 
 
-def model_architecture(patcher) -> tuple[str, str, int]:
-    """(architecture, prediction type, native resolution), or a clear error for other models."""
+def model_family(patcher) -> tuple[str, str]:
+    """(architecture, prediction type), or a clear error for other models."""
     config_name = type(patcher.model.model_config).__name__
     sampling = patcher.get_model_object("model_sampling")
     bases = type(sampling).__bases__
     prediction = next((PREDICTION[b] for b in bases if b in PREDICTION), None)
-    if config_name not in SUPPORTED or comfy.model_sampling.ModelSamplingDiscrete not in bases or prediction is None:
+    if config_name not in ARCHITECTURE or comfy.model_sampling.ModelSamplingDiscrete not in bases or prediction is None:
         raise ValueError(
             f"concept erasing supports SD1.x, SD2.x and SDXL models with a discrete eps or v schedule; "
             f"this MODEL is {config_name} with {type(sampling).__name__} sampling"
         )
-    architecture, eps_size, v_size = SUPPORTED[config_name]
-    return architecture, prediction, v_size if prediction == "v_prediction" else eps_size
+    return ARCHITECTURE[config_name], prediction
 
 
 class ComfyDenoiser(SigmaDenoiser):
     def __init__(self, model, clip, vae=None):
-        architecture, prediction, resolution = model_architecture(model)
+        architecture, prediction = model_family(model)
         self.patcher, self.clip, self.vae = model, clip, vae
         self.base = model.model
-        self.unet = ApplyModel(self.base)
-        self._use_sigmas(model.get_model_object("model_sampling").sigmas, prediction)
-        self.latent_channels = self.base.latent_format.latent_channels
-        self.vae_scale_factor = 8
         name = f"ComfyUI {type(self.base.model_config).__name__} model"
-        self.info = BaseModelInfo(name, architecture, resolution)
+        self._use_model(self.base, model.get_model_object("model_sampling").sigmas, architecture, prediction, name)
         self._load()
 
     def _load(self) -> None:
@@ -64,7 +51,7 @@ class ComfyDenoiser(SigmaDenoiser):
 
     @property
     def device(self) -> torch.device:
-        return next(self.base.diffusion_model.parameters()).device
+        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,13 +72,6 @@ class ComfyDenoiser(SigmaDenoiser):
         size = self.info.resolution
         y = self.base.encode_adm(pooled_output=torch.cat(pooled), width=size, height=size)
         return Conditioning(context, {"y": y.to(self.device)})
-
-    def unet_layers(self) -> list[UNetLayer]:
-        return [
-            UNetLayer(name, f"model.diffusion_model.{name}.weight", module)
-            for name, module in self.base.diffusion_model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d))
-        ]
 
     def _vae(self):
         if self.vae is None:
@@ -122,7 +102,3 @@ class ComfyDenoiser(SigmaDenoiser):
         loaded = [self.patcher, self.clip.load_model()]
         comfy.model_management.load_models_gpu(loaded, force_patch_weights=True, force_full_load=True)
         return self.base.state_dict_for_saving(self.clip.get_sd(), self._vae().get_sd(), None)
-
-    @cached_property
-    def sha256(self) -> str:
-        return weights_sha256(self.base.diffusion_model)

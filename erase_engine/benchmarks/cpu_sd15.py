@@ -1,11 +1,12 @@
 """One erasure of a full-size SD1.5-shaped model (random weights) on the CPU.
 
-    python benchmarks/cpu_sd15.py [--steps 20] [--resolution 64] [--threads N]
+    python -m erase_engine.benchmarks.cpu_sd15 [--steps 20] [--resolution 64] [--threads N]
 
 Prints the wall time of trajectory sampling and of training, the peak resident
 memory, and, as a baseline measured in the same run, the time of one plain
-UNet forward+backward at the same batch: a training step should cost about
-one teacher forward (batch 2) plus one student forward+backward (batch 2).
+UNet forward+backward at the same batch: a training step should cost about one
+student forward+backward at batch 2 (the erased and the empty prompt; the
+teacher's outputs come from the trajectory cache).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import time
 
 import torch
 
-from erase_engine import EraseConfig, erase_concept
-from erase_engine.configs import STANDARD
-from erase_engine.loading import build_from_configs
+from ..hosts.diffusers_configs import STANDARD
+from ..hosts.diffusers_loading import build_from_configs
+from ..parameters import EraseConfig
+from ..trainer import erase_concept
 
 
 def peak_rss_gib() -> float:

@@ -13,47 +13,44 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-from .deltas import TRAINABLE_SETS
-from .objective import PRESETS
-
-BUILTIN = "builtin:shapes"
+from ..builtin import BUILTIN_MODEL
+from ..parameters import PARAMETERS, EraseConfig
 
 
-def add_erasure_arguments(parser: argparse.ArgumentParser, steps: int, lr: float, required: bool = True) -> None:
-    """The flags that make an EraseConfig (shared by erasing and benchmarking)."""
-    parser.add_argument("--erase", action="append", required=required, metavar="TEXT", help="concept to erase")
-    parser.add_argument("--into", action="append", default=[], metavar="TEXT", help="alternative (one, or per --erase)")
-    parser.add_argument("--preserve", nargs="+", action="extend", default=[], metavar="TEXT", help="prompts to keep")
-    parser.add_argument("--method", choices=sorted(PRESETS), default="surgical")
-    parser.add_argument("--train", choices=TRAINABLE_SETS, default="xattn", help="which UNet layers get deltas")
-    rank = parser.add_mutually_exclusive_group()
-    rank.add_argument("--lora-rank", type=int, default=4, metavar="N", help="train a LoRA of rank N (default 4)")
-    rank.add_argument("--full-rank", action="store_true", help="train full-rank deltas")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+def add_parameter_arguments(
+    parser: argparse.ArgumentParser, defaults: dict | None = None, erase_required: bool = True
+) -> None:
+    """One flag per erasure parameter (``--lambda-u`` for ``lambda_u``), from the parameter table;
+    ``defaults`` replaces some of the table's (the benchmark's)."""
+    defaults = defaults or {}
     advanced = parser.add_argument_group("advanced")
-    advanced.add_argument("--eta", type=float, help="negative guidance on the erased concept (preset's value)")
-    advanced.add_argument("--lambda-u", type=float, help="weight of the unconditional-score term")
-    advanced.add_argument("--lambda-p", type=float, help="weight of the preserve term")
-    advanced.add_argument("--trajectories", type=int, default=4, help="sampled trajectories per prompt")
-    advanced.add_argument("--sampler-steps", type=int, default=50, help="DDIM steps of the trajectory sampler")
-    advanced.add_argument("--sampler-cfg", type=float, default=3.0, help="CFG scale of the trajectory sampler")
-    advanced.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
+    for spec in PARAMETERS:
+        group = advanced if spec.advanced else parser
+        flag, default = "--" + spec.name.replace("_", "-"), defaults.get(spec.name, spec.default)
+        if spec.is_list and spec.multiline:  # several prompts after one flag
+            group.add_argument(flag, nargs="+", action="extend", default=[], metavar="TEXT", help=spec.help)
+        elif spec.is_list:  # the flag repeats
+            required = erase_required and spec.name == "erase"
+            group.add_argument(flag, action="append", default=[], required=required, metavar="TEXT", help=spec.help)
+        elif spec.choices:
+            group.add_argument(flag, choices=spec.choices, default=default, help=f"{spec.help} (default {default})")
+        else:
+            unset = f"; {spec.unset:g}: {spec.unset_means}" if spec.unset is not None else ""
+            ranged = f"{spec.minimum:g} to {spec.maximum:g}{unset}"
+            flag_help = f"{spec.help} (default {default:g}; {ranged})"
+            if spec.name == "lora_rank":  # also a switch, the way the CLI always had it
+                rank = group.add_mutually_exclusive_group()
+                rank.add_argument(flag, type=int, default=default, metavar="N", help=flag_help)
+                rank.add_argument("--full-rank", dest=spec.name, action="store_const", const=0, help="--lora-rank 0")
+            else:
+                group.add_argument(flag, type=spec.kind, default=default, help=flag_help)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
-def config_from_args(args: argparse.Namespace, **overrides):
-    from .trainer import EraseConfig
-
-    values = {f.name: getattr(args, f.name) for f in fields(EraseConfig)}
-    if args.full_rank:
-        values["lora_rank"] = None
-    config = EraseConfig(**{**values, **overrides})
+def config_from_args(args: argparse.Namespace, **overrides) -> EraseConfig:
+    config = EraseConfig(**{**{spec.name: getattr(args, spec.name) for spec in PARAMETERS}, **overrides})
     config.objective()  # validates the method's constraints before loading anything
     return config
 
@@ -61,7 +58,7 @@ def config_from_args(args: argparse.Namespace, **overrides):
 def load_model(model: str, device: str, prediction_type: str | None = None):
     import torch
 
-    from .loading import load_denoiser
+    from ..hosts.diffusers_loading import load_denoiser
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but this PyTorch sees no CUDA device")
@@ -99,29 +96,36 @@ def progress_bar(total: int):
     return bar, progress
 
 
-def erase_main(argv: list[str]) -> int:
+def erase_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erase-concept",
         description="Erase a concept from a Stable Diffusion model and save a LoRA and/or a checkpoint.",
         epilog="Other commands: erase-concept bench / purify / ui (each with --help).",
     )
-    parser.add_argument("--model", default=BUILTIN, help=f"diffusers folder, .safetensors/.ckpt file or {BUILTIN}")
-    add_erasure_arguments(parser, steps=200, lr=1e-4)
+    parser.add_argument(
+        "--model", default=BUILTIN_MODEL, help=f"diffusers folder, .safetensors/.ckpt file or {BUILTIN_MODEL}"
+    )
+    add_parameter_arguments(parser)
     parser.add_argument("--export-rank", type=int, default=16, metavar="N", help="SVD rank for full-rank deltas")
     parser.add_argument("--out", type=Path, metavar="FILE.safetensors", help="where to write the LoRA")
     parser.add_argument("--save-checkpoint", type=Path, metavar="FILE.safetensors", help="also write a checkpoint")
     parser.add_argument("--report", type=Path, metavar="DIR", help="write a before/after grid, loss curve and summary")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="override the model's")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return parser
+
+
+def erase_main(argv: list[str]) -> int:
+    parser = erase_parser()
     args = parser.parse_args(argv)
     if args.out is None and args.save_checkpoint is None:
         args.out = default_output(args.erase)
     check_output(parser, "--out", args.out, overwrite=args.overwrite)
     check_output(parser, "--save-checkpoint", args.save_checkpoint, overwrite=args.overwrite)
 
-    from .export import save_checkpoint, save_lora
-    from .report import write_report
-    from .trainer import erase_concept
+    from ..exports import save_checkpoint, save_lora
+    from ..report import write_report
+    from ..trainer import erase_concept
 
     config = config_from_args(args)
     denoiser = load_model(args.model, args.device, args.prediction_type)
@@ -130,11 +134,11 @@ def erase_main(argv: list[str]) -> int:
         erasure = erase_concept(denoiser, config, progress=progress)
     outputs, if_exists = {}, "replace" if args.overwrite else "refuse"
     if args.out is not None:
-        outputs["lora"] = str(save_lora(erasure, denoiser, args.out, args.export_rank, if_exists))
+        outputs["lora"] = str(save_lora(erasure, args.out, args.export_rank, if_exists))
     if args.save_checkpoint is not None:
-        outputs["checkpoint"] = str(save_checkpoint(erasure, denoiser, args.save_checkpoint, if_exists))
+        outputs["checkpoint"] = str(save_checkpoint(erasure, args.save_checkpoint, if_exists))
     if args.report is not None:
-        outputs["report"] = str(write_report(args.report, denoiser, erasure, outputs=dict(outputs)))
+        outputs["report"] = str(write_report(args.report, erasure, outputs=dict(outputs)))
     for kind, path in outputs.items():
         print(f"{kind}: {path}")
     return 0
@@ -150,10 +154,10 @@ COMPARE_DEFAULTS = [(s, "") for s in ("circle", "square", "triangle", "star", "h
 
 
 def bench_main(argv: list[str]) -> int:
-    from .builtin import bench
+    from ..benchmarks import efficacy as bench
 
     parser = argparse.ArgumentParser(prog="erase-concept bench", description=bench.__doc__)
-    add_erasure_arguments(parser, steps=bench.DEFAULT_STEPS, lr=bench.DEFAULT_LR, required=False)
+    add_parameter_arguments(parser, {"steps": bench.DEFAULT_STEPS, "lr": bench.DEFAULT_LR}, erase_required=False)
     parser.add_argument("--compare", action="store_true", help="run surgical and esd side by side")
     # without --preserve, the other shapes (or colors) are preserved
     parser.add_argument("--samples", type=int, default=72, help="samples per prompt group (>= 64)")
@@ -165,12 +169,12 @@ def bench_main(argv: list[str]) -> int:
     check_output(parser, "--json", args.json, ".json")
     check_output(parser, "--grid", args.grid, ".png")
 
-    from .builtin.judge import load_judge
+    from ..builtin.judge import load_judge
 
     padded_into = args.into + [""] * len(args.erase or [])  # an --erase without its --into has none
     pairs = list(zip(args.erase, padded_into, strict=False)) if args.erase else COMPARE_DEFAULTS
     methods = ["surgical", "esd"] if args.compare else [args.method]
-    denoiser, judge = load_model(BUILTIN, args.device), load_judge()
+    denoiser, judge = load_model(BUILTIN_MODEL, args.device), load_judge()
     rows = []
     for (erase, into), method in ((p, m) for p in pairs for m in methods):
         into_list = [into] if into and method != "esd" else []
@@ -193,7 +197,7 @@ def purify_main(argv: list[str]) -> int:
         prog="erase-concept purify",
         description="DDIM-invert an image with the original model, regenerate it with the erased one.",
     )
-    parser.add_argument("--model", default=BUILTIN)
+    parser.add_argument("--model", default=BUILTIN_MODEL)
     parser.add_argument("--lora", type=Path, required=True, help="the erasure's LoRA file")
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--prompt", required=True, help="what the image shows")
@@ -206,10 +210,10 @@ def purify_main(argv: list[str]) -> int:
 
     from PIL import Image, UnidentifiedImageError
 
-    from .deltas import WeightDeltas
-    from .export import check_lora_base
-    from .loading import read_state_dict
-    from .purify import purify_picture
+    from ..deltas import WeightDeltas
+    from ..exports import check_lora_base
+    from ..files import read_state_dict
+    from ..purify import purify_picture
 
     if not args.image.is_file():
         raise FileNotFoundError(f"no image at {args.image}")
@@ -232,21 +236,21 @@ def purify_main(argv: list[str]) -> int:
 def ui_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="erase-concept ui", description="The web interface, on 127.0.0.1 only.")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--model", default=BUILTIN, help=f"the model selected at start (default {BUILTIN})")
+    parser.add_argument("--model", default=BUILTIN_MODEL, help=f"the model selected at start (default {BUILTIN_MODEL})")
     parser.add_argument("--folder", default=".", help="where LoRAs and checkpoints are saved (default: here)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if not Path(args.folder).is_dir():
         parser.error(f"--folder: {args.folder} is not a folder")
 
-    from .ui import launch
+    from .web import launch
 
     launch(args.port, args.model, args.folder, args.device)
     return 0
 
 
 def bench_speed_main(argv: list[str]) -> int:
-    from .speed import main as speed_main
+    from ..benchmarks.speed import main as speed_main
 
     return speed_main(argv)
 
@@ -260,7 +264,7 @@ EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input (nothing done), 1 the run failed, 130 interrupted.
     In every failure case no output file is left behind and no traceback is shown."""
-    from .trainer import ErasureFailed
+    from ..trainer import ErasureFailed
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = COMMANDS.get(argv[0], None) if argv else None

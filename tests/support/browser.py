@@ -1,5 +1,6 @@
 """Headless Debian Chromium for the browser tests, through Playwright (which never downloads one here)."""
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,3 +31,19 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+# The Concept Erasing interface (the standalone app and the A1111/Forge tab): elements ``#ce_<name>``.
+def status(page) -> str:
+    return page.locator("#ce_status").first.inner_text()  # gradio 3 puts the id on two nested elements
+
+
+def wait_for_status(page, text: str, timeout_s: float) -> None:
+    page.wait_for_function(
+        f"document.querySelector('#ce_status').innerText.includes({json.dumps(text)})", timeout=timeout_s * 1000
+    )
+
+
+def fill_text(page, name: str, text: str) -> None:
+    """Type into the interface's text field ``name`` (a textarea or an input, by gradio version)."""
+    page.locator(f"#ce_{name} textarea, #ce_{name} input").first.fill(text)

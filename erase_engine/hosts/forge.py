@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -22,21 +21,11 @@ from backend.diffusion_engine.sd20 import StableDiffusion2
 from backend.diffusion_engine.sdxl import StableDiffusionXL
 from backend.modules.k_prediction import Prediction
 
-from .denoiser import (
-    ApplyModel,
-    BaseModelInfo,
-    Conditioning,
-    SigmaDenoiser,
-    UNetLayer,
-    weights_sha256,
-)
+from ..denoiser import Conditioning, to_signed_range, to_unit_range
+from .sigma import SigmaDenoiser
 
-# Forge's engine class -> (our architecture name, native resolution for eps, for v)
-SUPPORTED = {
-    StableDiffusion: ("sd1", 512, 512),
-    StableDiffusion2: ("sd2", 512, 768),
-    StableDiffusionXL: ("sdxl", 1024, 1024),
-}
+# Forge's engine class -> the engine's architecture name
+ARCHITECTURE = {StableDiffusion: "sd1", StableDiffusion2: "sd2", StableDiffusionXL: "sdxl"}
 TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -53,12 +42,12 @@ def _saved_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone() if tensor.grad_fn is not None else tensor
 
 
-def model_architecture(engine) -> tuple[str, str, int]:
-    """(architecture, prediction type, native resolution), or a clear error for other models."""
+def model_family(engine) -> tuple[str, str]:
+    """(architecture, prediction type), or a clear error for other models."""
     predictor = engine.forge_objects_original.unet.model.predictor
     prediction = getattr(predictor, "prediction_type", None)
     if (
-        type(engine) not in SUPPORTED
+        type(engine) not in ARCHITECTURE
         or type(predictor) is not Prediction
         or prediction not in ("epsilon", "v_prediction")
         or engine.is_inpaint
@@ -68,23 +57,18 @@ def model_architecture(engine) -> tuple[str, str, int]:
             f"schedule; this model is {type(engine).__name__} with {type(predictor).__name__} {prediction!r}"
             + (" (an inpainting model)" if engine.is_inpaint else "")
         )
-    architecture, eps_size, v_size = SUPPORTED[type(engine)]
-    return architecture, prediction, v_size if prediction == "v_prediction" else eps_size
+    return ARCHITECTURE[type(engine)], prediction
 
 
 class ForgeDenoiser(SigmaDenoiser):
     def __init__(self, engine, name: str = "Forge model", sha256: str | None = None):
-        architecture, prediction, resolution = model_architecture(engine)
+        architecture, prediction = model_family(engine)
         self.engine = engine
         self.objects = engine.forge_objects_original
         self.patcher = self.objects.unet
         self.base = self.patcher.model  # KModel
-        self.unet = ApplyModel(self.base)
-        self._use_sigmas(self.base.predictor.sigmas, prediction)
-        self.latent_channels = 4
-        self.vae_scale_factor = 8
-        self.info = BaseModelInfo(name, architecture, resolution)
-        self._sha256 = sha256
+        self._use_model(self.base, self.base.predictor.sigmas, architecture, prediction, name)
+        self.known_sha256 = sha256
         self._load()
         quantized = {str(layer.module.weight.dtype) for layer in self.unet_layers()} - set(map(str, TRAINABLE_DTYPES))
         if quantized:
@@ -131,25 +115,17 @@ class ForgeDenoiser(SigmaDenoiser):
         with torch.autograd.graph.saved_tensors_hooks(_saved_copy, lambda tensor: tensor):
             return super()._predict(x_t, t, cond, weights)
 
-    def unet_layers(self) -> list[UNetLayer]:
-        # Forge builds its UNet with its own Linear/Conv2d classes (not torch's): go by the weight's shape.
-        return [
-            UNetLayer(name, f"model.diffusion_model.{name}.weight", module)
-            for name, module in self.base.diffusion_model.named_modules()
-            if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() in (2, 4)
-        ]
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self._original_objects():
             images = self.engine.decode_first_stage(latents.to(self.dtype))
         self._load()
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(images)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         with self._original_objects():
-            latents = self.engine.encode_first_stage((images * 2 - 1).to(self.device, self.dtype))
+            latents = self.engine.encode_first_stage(to_signed_range(images).to(self.device, self.dtype))
         self._load()
         return latents.to(self.device)
 
@@ -163,7 +139,3 @@ class ForgeDenoiser(SigmaDenoiser):
             **guess.process_clip_state_dict_for_saving(self.engine, clip),
             **utils.get_state_dict_after_quant(self.objects.vae.first_stage_model, prefix="first_stage_model."),
         }
-
-    @cached_property
-    def sha256(self) -> str:
-        return self._sha256 or weights_sha256(self.base.diffusion_model)

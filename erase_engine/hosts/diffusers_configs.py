@@ -4,6 +4,10 @@ own configs in the header and do not need these."""
 
 from __future__ import annotations
 
+from ..tokenizer import CLIP_VOCAB_SIZE
+
+CONFIG_METADATA_KEY = "erase_engine.diffusers_configs"  # where a checkpoint we wrote keeps its configs
+
 SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -12,7 +16,7 @@ SCHEDULER = {
 }
 
 _CLIP_L = {
-    "vocab_size": 49408,
+    "vocab_size": CLIP_VOCAB_SIZE,
     "hidden_size": 768,
     "intermediate_size": 3072,
     "num_attention_heads": 12,
@@ -22,7 +26,7 @@ _CLIP_L = {
     "projection_dim": 768,
 }
 _OPEN_CLIP_H = {  # SD2 uses the penultimate layer: 23 of 24 layers
-    "vocab_size": 49408,
+    "vocab_size": CLIP_VOCAB_SIZE,
     "hidden_size": 1024,
     "intermediate_size": 4096,
     "num_attention_heads": 16,
@@ -32,7 +36,7 @@ _OPEN_CLIP_H = {  # SD2 uses the penultimate layer: 23 of 24 layers
     "projection_dim": 512,
 }
 _OPEN_CLIP_BIG_G = {
-    "vocab_size": 49408,
+    "vocab_size": CLIP_VOCAB_SIZE,
     "hidden_size": 1280,
     "intermediate_size": 5120,
     "num_attention_heads": 20,

@@ -20,11 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .deltas import is_trainable
-from .denoiser import Conditioning, Denoiser
-from .objective import erase_target
-from .sampling import ddim_sample, ddim_timesteps
-from .trainer import EraseConfig, erase_concept, latent_shape
+from ..builtin import BUILTIN_MODEL
+from ..denoiser import Conditioning, Denoiser
+from ..hosts.diffusers_configs import STANDARD
+from ..hosts.diffusers_loading import build_from_configs, load_denoiser
+from ..layers import is_trainable
+from ..objective import erase_target
+from ..parameters import EraseConfig
+from ..sampling import ddim_sample, ddim_timesteps
+from ..trainer import erase_concept
 
 ERASURE_STEPS = 200  # a default erasure, for the per-erasure figures
 PROMPTS = {"tiny": "star", "sd15": "Van Gogh", "sdxl": "Van Gogh"}
@@ -32,17 +36,10 @@ PROMPTS = {"tiny": "star", "sd15": "Van Gogh", "sdxl": "Van Gogh"}
 
 def build_model(shape: str, device: str, dtype: torch.dtype) -> Denoiser:
     """``tiny``: the built-in demo model; ``sd15``/``sdxl``: full-size models with random weights."""
-    from .configs import STANDARD
-    from .loading import build_from_configs, load_denoiser
-
     if shape == "tiny":
-        denoiser = load_denoiser("builtin:shapes", device=device, dtype=dtype)
-    else:
-        architecture = {"sd15": "sd1", "sdxl": "sdxl"}[shape]
-        denoiser = build_from_configs(STANDARD[architecture], architecture, f"random-{shape}")
-        for module in (denoiser.unet, denoiser.vae, *denoiser.text_encoders):
-            module.to(device, dtype)
-    return denoiser
+        return load_denoiser(BUILTIN_MODEL, device=device, dtype=dtype)
+    architecture = {"sd15": "sd1", "sdxl": "sdxl"}[shape]
+    return build_from_configs(STANDARD[architecture], architecture, f"random-{shape}").to(device, dtype)
 
 
 def synchronize(device: torch.device) -> None:
@@ -53,14 +50,14 @@ def synchronize(device: torch.device) -> None:
 def esd_style_seconds_per_step(denoiser: Denoiser, config: EraseConfig, steps: int) -> tuple[float, float]:
     """Seconds per step of the ESD-style loop, and the mean number of sampler steps it ran."""
     student = copy.copy(denoiser)
-    student.unet = copy.deepcopy(denoiser.unet)  # ESD's second copy, trained in place
+    student.network = student.unet = copy.deepcopy(denoiser.unet)  # ESD's second copy, trained in place
     trained = [layer.module.weight for layer in student.unet_layers() if is_trainable(layer.ldm_name, config.train)]
     for weight in trained:
         weight.requires_grad_(True)
     optimizer = torch.optim.Adam(trained, lr=config.lr)
     cond = denoiser.encode(["", config.erase[0]]).detached().to(denoiser.device)
     uncond, erase = cond[0], cond[1]
-    shape = latent_shape(denoiser, config.resolution)
+    shape = denoiser.latent_shape(config.resolution)
     pick, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
     timesteps = ddim_timesteps(denoiser.schedule.num_timesteps, config.sampler_steps)
     sampled, started = [], None
@@ -88,7 +85,7 @@ def unet_forward_flops(denoiser: Denoiser, config: EraseConfig) -> float:
     """FLOPs of one UNet forward at batch 1 (PyTorch's own counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros((1, *latent_shape(denoiser, config.resolution)), device=denoiser.device, dtype=denoiser.dtype)
+    x = torch.zeros((1, *denoiser.latent_shape(config.resolution)), device=denoiser.device, dtype=denoiser.dtype)
     cond = denoiser.encode([config.erase[0]]).to(denoiser.device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         denoiser.output(x, torch.tensor([500], device=denoiser.device), cond)
@@ -123,7 +120,7 @@ def run_speed_bench(shape: str, device: str, steps: int, resolution: int | None,
         "device": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu",
         "model": shape,
         "dtype": str(dtype).removeprefix("torch."),
-        "latent": list(latent_shape(denoiser, resolution)),
+        "latent": list(denoiser.latent_shape(resolution)),
         "steps_timed": steps,
         "baseline_s_per_step": baseline_step,
         "baseline_mean_sampler_steps": mean_stop,

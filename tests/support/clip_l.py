@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from erase_engine.loading import clip_tokenizer
+from erase_engine.tokenizer import clip_tokenizer
 
 CLIP_L = {
     "architectures": ["CLIPTextModel"],

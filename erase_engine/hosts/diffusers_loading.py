@@ -2,103 +2,20 @@
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
-import os
-import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .configs import SCHEDULER, STANDARD
-from .denoiser import NoiseSchedule
-from .diffusers_denoiser import TEXT_ENCODER_LAYOUT, DiffusersDenoiser
-from .ldm_layout import clip_state_for
+from ..architectures import SUPPORTED
+from ..builtin import BUILTIN_MODEL, SHAPES_WEIGHTS
+from ..denoiser import NoiseSchedule
+from ..files import read_state_dict
+from ..ldm_layout import clip_state_for
+from ..tokenizer import clip_tokenizer
+from .diffusers_configs import CONFIG_METADATA_KEY, SCHEDULER, STANDARD
+from .diffusers_model import TEXT_ENCODER_LAYOUT, DiffusersDenoiser
 
-CONFIG_METADATA_KEY = "erase_engine.diffusers_configs"
-BUILTIN_SHAPES = "builtin:shapes"
-CLIP_VOCAB_ENV = "ERASE_ENGINE_CLIP_VOCAB"
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's reversible byte -> printable character table, in vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def clip_vocab_path() -> Path:
-    """CLIP's BPE merges file, from ``$ERASE_ENGINE_CLIP_VOCAB`` or the open-clip-torch package."""
-    if env := os.environ.get(CLIP_VOCAB_ENV):
-        return Path(env)
-    spec = importlib.util.find_spec("open_clip")  # located, not imported (it would import torchvision)
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(
-        "the CLIP tokenizer vocabulary was not found: `pip install --no-deps open-clip-torch` ships it, "
-        f"or point {CLIP_VOCAB_ENV} at a bpe_simple_vocab_16e6.txt.gz"
-    )
-
-
-def clip_tokenizer(pad_token: str = "<|endoftext|>"):
-    """The real CLIP tokenizer (49408 tokens), built offline from the BPE merges."""
-    from transformers import CLIPTokenizer
-
-    lines = gzip.open(clip_vocab_path()).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = _bytes_to_unicode()
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as folder:
-        vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
-        vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77)
-    if tokenizer.vocab_size != 49408:
-        raise RuntimeError(f"built a CLIP tokenizer with {tokenizer.vocab_size} tokens, expected 49408")
-    return tokenizer
-
-
-def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a ``.safetensors`` or ``.ckpt`` file.
-
-    A ``.ckpt`` is unpickled with ``weights_only=True``: a file that holds code is refused.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(
-                f"{path.name} is not a readable .safetensors file (corrupt or truncated?): {error}"
-            ) from None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path.name} holds more than weights and is refused (convert it to .safetensors): {error}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path.name} is not a readable .ckpt file (corrupt or truncated?): {error}") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path.name} holds no state dict")
-    return checkpoint.get("state_dict", checkpoint), {}
-
-
-SUPPORTED_ARCHITECTURES = "Stable Diffusion 1.x, 2.x and XL"
 # Key prefixes that identify model families this engine does not erase from.
 OTHER_FAMILIES = {
     "model.diffusion_model.joint_blocks.": "Stable Diffusion 3",
@@ -119,10 +36,8 @@ def detect_architecture(keys) -> str:
         return "sd1"
     for prefix, family in OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in keys):
-            raise ValueError(
-                f"{family} checkpoints are not supported; concept erasing supports {SUPPORTED_ARCHITECTURES}"
-            )
-    raise ValueError(f"not a checkpoint of a supported model ({SUPPORTED_ARCHITECTURES}): no known text encoder keys")
+            raise ValueError(f"{family} checkpoints are not supported; concept erasing supports {SUPPORTED}")
+    raise ValueError(f"not a checkpoint of a supported model ({SUPPORTED}): no known text encoder keys")
 
 
 def noise_schedule(scheduler_config: dict, prediction_type: str) -> NoiseSchedule:
@@ -228,9 +143,7 @@ def load_denoiser(
 ) -> DiffusersDenoiser:
     """A diffusers folder (with ``model_index.json``), a ``.safetensors``/``.ckpt`` file,
     or ``builtin:shapes`` (the demo model shipped with the engine)."""
-    if str(model) == BUILTIN_SHAPES:
-        from .builtin.train_model import WEIGHTS as model
-    path = Path(model)
+    path = SHAPES_WEIGHTS if str(model) == BUILTIN_MODEL else Path(model)
     if path.is_dir() and (path / "model_index.json").exists():
         denoiser = load_diffusers_folder(path, prediction_type)
     elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
@@ -239,8 +152,4 @@ def load_denoiser(
         raise ValueError(f"{path} is neither a diffusers folder (model_index.json) nor a .safetensors/.ckpt file")
     else:
         raise FileNotFoundError(f"no model at {path}")
-    for module in (denoiser.unet, denoiser.vae, *denoiser.text_encoders):
-        module.to(device)
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
-    return denoiser
+    return denoiser.to(device, dtype)

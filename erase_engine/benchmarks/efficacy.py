@@ -14,13 +14,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..builtin.judge import Judge, box_iou, foreground_mask, mask_iou
+from ..builtin.render import BACKGROUNDS, COLORS, SHAPES, Scenes, prompt, render
 from ..denoiser import Denoiser
+from ..parameters import EraseConfig
 from ..purify import purify
 from ..report import grid_image
-from ..sampling import ddim_sample
-from ..trainer import EraseConfig, Erasure, erase_concept, latent_shape
-from .judge import Judge, box_iou, foreground_mask, mask_iou
-from .render import BACKGROUNDS, COLORS, SHAPES, Scenes, prompt, render
+from ..sampling import generate
+from ..trainer import Erasure, erase_concept
 
 SAMPLE_STEPS = 25
 SAMPLE_CFG = 5.0
@@ -97,17 +98,10 @@ def outline_iou_ceiling(concept: Concept, into: Concept | None, count: int = 256
     return average(torch.stack(ious))
 
 
-def generate(denoiser: Denoiser, prompts: list[str], seed: int, deltas=None, resolution=None) -> torch.Tensor:
+def sample(denoiser: Denoiser, prompts: list[str], seed: int, deltas=None) -> torch.Tensor:
     """One image per prompt, sample i from noise seed ``seed + i`` (the same for any deltas)."""
-    shape = latent_shape(denoiser, resolution)
-    noise = torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))]
-    )
-    cond = denoiser.encode(prompts).to(denoiser.device)
-    latents, _, _ = ddim_sample(
-        denoiser, cond, noise.to(denoiser.device, denoiser.dtype), SAMPLE_STEPS, SAMPLE_CFG, deltas
-    )
-    return denoiser.decode(latents).cpu()
+    seeds = [seed + i for i in range(len(prompts))]
+    return generate(denoiser, prompts, seeds, SAMPLE_STEPS, SAMPLE_CFG, deltas)
 
 
 def average(values: torch.Tensor) -> float:
@@ -116,7 +110,6 @@ def average(values: torch.Tensor) -> float:
 
 
 def judge_erasure(
-    denoiser: Denoiser,
     judge: Judge,
     erasure: Erasure,
     concept: Concept,
@@ -126,11 +119,12 @@ def judge_erasure(
     purify_samples: int = 32,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """The benchmark's numbers for one finished erasure, and the images behind them."""
+    denoiser = erasure.denoiser
     erase, preserve = prompt_groups(concept, samples)
     images = {}
     for name, prompts in (("erase", erase.prompts), ("preserve", preserve.prompts), ("uncond", [""] * samples)):
-        images[f"{name}_before"] = generate(denoiser, prompts, seed)
-        images[f"{name}_after"] = generate(denoiser, prompts, seed, erasure.deltas)
+        images[f"{name}_before"] = sample(denoiser, prompts, seed)
+        images[f"{name}_after"] = sample(denoiser, prompts, seed, erasure.deltas)
     head = 0 if concept.kind == "shape" else 1
     erase_before = judge.classify(images["erase_before"])
     erase_after = judge.classify(images["erase_after"])
@@ -177,7 +171,7 @@ def run_bench(
     started = time.perf_counter()
     erasure = erase_concept(denoiser, config)
     seconds = time.perf_counter() - started
-    metrics, images = judge_erasure(denoiser, judge, erasure, concept, into, samples, seed=10_000 + config.seed)
+    metrics, images = judge_erasure(judge, erasure, concept, into, samples, seed=10_000 + config.seed)
     result = {
         "method": config.method,
         "steps": config.steps,

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from . import ROOT
+
 PROMPTS = ["a photo of a cat", ""]
 CHILD = """
 import sys, torch
 from pathlib import Path
-from erase_engine.loading import load_single_file
+from erase_engine.hosts.diffusers_loading import load_single_file
 checkpoint, prediction, inputs, out = sys.argv[1:]
 ours = load_single_file(Path(checkpoint), prediction)
 given = torch.load(inputs)

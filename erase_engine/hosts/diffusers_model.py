@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import ldm_layout
-from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer, weights_sha256
+from .. import ldm_layout
+from ..denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, to_signed_range, to_unit_range
+from ..files import read_state_dict, sha256_of_file, weights_sha256
+from ..tokenizer import check_vocab_size
+from .diffusers_configs import CONFIG_METADATA_KEY
 
 # Where each architecture keeps its text encoders in a single-file checkpoint, and their layout.
 TEXT_ENCODER_LAYOUT = {
@@ -20,12 +23,14 @@ TEXT_ENCODER_LAYOUT = {
 }
 
 
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+def ordered_config(config) -> dict:
+    """A diffusers config with its set-ordered list sorted, so that the same model always
+    writes the same header (``_use_default_values`` comes from a set: its order changes
+    from one process to the next)."""
+    config = dict(config)
+    if "_use_default_values" in config:
+        config["_use_default_values"] = sorted(config["_use_default_values"])
+    return config
 
 
 class DiffusersDenoiser(Denoiser):
@@ -47,11 +52,11 @@ class DiffusersDenoiser(Denoiser):
         if len(text_encoders) != expected or len(tokenizers) != expected:
             raise ValueError(f"{architecture} needs {expected} text encoders and tokenizers")
         for tokenizer in tokenizers:
-            if tokenizer.vocab_size != 49408:  # an offline from_pretrained can silently give a broken one
-                raise ValueError(f"the CLIP tokenizer is broken (vocabulary of {tokenizer.vocab_size}, expected 49408)")
+            check_vocab_size(tokenizer)
         for module in (unet, vae, *text_encoders):
             module.requires_grad_(False).eval()
-        self.unet, self.vae = unet, vae
+        self.network = self.unet = unet
+        self.vae = vae
         self.text_encoders, self.tokenizers = text_encoders, tokenizers
         self.schedule = schedule
         self.scheduler_config = scheduler_config
@@ -64,9 +69,11 @@ class DiffusersDenoiser(Denoiser):
     def is_sdxl(self) -> bool:
         return self.info.architecture == "sdxl"
 
-    def to(self, device: torch.device | str) -> DiffusersDenoiser:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersDenoiser:
         for module in (self.unet, self.vae, *self.text_encoders):
             module.to(device)
+            if dtype is not None and module.dtype != dtype:
+                module.to(dtype=dtype)
         return self
 
     @torch.no_grad()
@@ -97,31 +104,25 @@ class DiffusersDenoiser(Denoiser):
 
     def _predict(self, x_t, t, cond, weights):
         added = cond.extras or None
-        return self.call_unet(
+        return self.call_network(
             weights, x_t, t, encoder_hidden_states=cond.context, added_cond_kwargs=added, return_dict=False
         )[0]
 
-    def unet_layers(self) -> list[UNetLayer]:
-        return [
-            UNetLayer(ldm_layout.unet_ldm_name(name, self.unet.config), f"{name}.weight", module)
-            for name, module in self.unet.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d))
-        ]
+    def ldm_name(self, module_path: str) -> str:
+        return ldm_layout.unet_ldm_name(module_path, self.unet.config)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(images)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        moments = self.vae.encode((images * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
+        moments = self.vae.encode(to_signed_range(images).to(self.vae.device, self.vae.dtype)).latent_dist
         return moments.mean * self.vae.config.scaling_factor
 
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         if self.source_file is not None:  # keep every tensor of the file the model came from
-            from .loading import read_state_dict
-
             return read_state_dict(self.source_file)[0]
         state = ldm_layout.unet_to_ldm(self.unet.state_dict(), self.unet.config)
         state |= ldm_layout.vae_to_ldm(self.vae.state_dict(), self.vae.config)
@@ -131,11 +132,15 @@ class DiffusersDenoiser(Denoiser):
             state |= convert(ldm_layout.canonical_clip_state(encoder), prefix)
         return state
 
+    def reload_metadata(self) -> dict[str, str]:
+        """The configs, so that this engine reloads the checkpoint offline whatever its size."""
+        return {CONFIG_METADATA_KEY: json.dumps(self.diffusers_configs(), sort_keys=True, default=str)}
+
     def diffusers_configs(self) -> dict:
         """The configs that rebuild this model from a single file with no network."""
         configs = {
-            "unet": dict(self.unet.config),
-            "vae": dict(self.vae.config),
+            "unet": ordered_config(self.unet.config),
+            "vae": ordered_config(self.vae.config),
             "prediction_type": self.schedule.prediction_type,
             "scheduler": self.scheduler_config,
         }

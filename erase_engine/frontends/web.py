@@ -11,39 +11,17 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .deltas import TRAINABLE_SETS
-from .denoiser import Denoiser
-from .export import model_file_path, save_checkpoint, save_lora
-from .loading import BUILTIN_SHAPES
-from .objective import PRESETS
-from .purify import purify_picture
-from .report import before_after_images, grid_image, loss_plot
-from .trainer import PRESET_VALUE, EraseConfig, Erasure, ErasureCancelled, erase_concept
+from ..builtin import BUILTIN_MODEL
+from ..denoiser import Denoiser
+from ..exports import save_checkpoint, save_lora
+from ..files import model_file_path
+from ..parameters import PARAMETERS, EraseConfig, Parameter
+from ..purify import purify_picture
+from ..report import before_after_images, grid_image, loss_plot
+from ..trainer import Erasure, ErasureCancelled, erase_concept
 
 # The form's fields, in the order the Start button passes them.
-FORM = [
-    "model",
-    "folder",
-    "erase",
-    "alternative",
-    "preserve",
-    "method",
-    "train",
-    "rank",
-    "steps",
-    "lr",
-    "seed",
-    "eta",
-    "lambda_u",
-    "lambda_p",
-    "trajectories",
-    "sampler_steps",
-    "sampler_cfg",
-    "resolution",
-    "name",
-    "want_lora",
-    "want_checkpoint",
-]
+FORM = ["model", "folder", *(spec.name for spec in PARAMETERS), "name", "want_lora", "want_checkpoint"]
 
 
 class Host:
@@ -52,9 +30,9 @@ class Host:
 
     title = "Concept Erasing"
     chooses_model = True  # show model and folder fields (the standalone app)
-    default_model = "builtin:shapes"
+    default_model = BUILTIN_MODEL
     default_folder = "."
-    default_steps, default_lr = 200, 1e-4  # the command line's, for real Stable Diffusion models
+    defaults: dict = {}  # form defaults that differ from the parameter table's
 
     def denoiser(self, model: str) -> Denoiser:
         raise NotImplementedError
@@ -122,7 +100,7 @@ class Session:
     def __init__(self, host: Host):
         self.host = host
         self.job: Job | None = None
-        self.last: tuple[Erasure, Denoiser] | None = None
+        self.last: Erasure | None = None
         self.lock = threading.Lock()
 
     def erase(self, *values):
@@ -131,8 +109,7 @@ class Session:
         model, folder, name = form.pop("model"), form.pop("folder"), form.pop("name")
         want_lora, want_checkpoint = form.pop("want_lora"), form.pop("want_checkpoint")
         try:
-            numbers = {k: int(form[k]) for k in ("steps", "seed", "trajectories", "sampler_steps")}
-            config = EraseConfig.from_form(**{**form, **numbers, "lr": float(form["lr"])})
+            config = EraseConfig.from_form(form)
             lora_folder, checkpoint_folder = self.host.folders(folder)
             outputs = {"lora": model_file_path(lora_folder, name)} if want_lora else {}
             if want_checkpoint:
@@ -158,9 +135,9 @@ class Session:
         except OSError as error:
             yield f"**Could not save:** {error}. Nothing was written.", None, plot, None
             return
-        self.last = (job.erasure, job.denoiser)
+        self.last = job.erasure
         prompts = list(dict.fromkeys(config.erase + config.preserve[:3]))
-        before, after = before_after_images(job.denoiser, job.erasure, prompts, [config.seed, config.seed + 1])
+        before, after = before_after_images(job.erasure, prompts, [config.seed, config.seed + 1])
         summary = ", ".join(f"{kind} `{path}`" for kind, path in written.items()) or "nothing saved"
         files = [str(p) for p in written.values()] or None
         seconds = job.erasure.seconds["total"]
@@ -169,11 +146,9 @@ class Session:
     def write(self, job: Job, outputs: dict[str, Path]) -> dict[str, Path]:
         written = {}
         if "lora" in outputs:
-            written["lora"] = save_lora(job.erasure, job.denoiser, outputs["lora"], svd_rank=16, if_exists="number")
+            written["lora"] = save_lora(job.erasure, outputs["lora"], svd_rank=16, if_exists="number")
         if "checkpoint" in outputs:
-            written["checkpoint"] = save_checkpoint(
-                job.erasure, job.denoiser, outputs["checkpoint"], if_exists="number"
-            )
+            written["checkpoint"] = save_checkpoint(job.erasure, outputs["checkpoint"], if_exists="number")
         for kind, path in written.items():
             self.host.saved(kind, path, job.denoiser)
         return written
@@ -187,10 +162,23 @@ class Session:
     def purify(self, image, prompt, steps, strength):
         if image is None or self.last is None:
             return None, "Run an erasure first, then give an image."
-        erasure, denoiser = self.last
+        erasure = self.last
         size = erasure.config.resolution  # the size it was trained at (None: the model's)
-        picture = purify_picture(denoiser, image, prompt, erasure.deltas, int(steps), float(strength), size)
+        picture = purify_picture(erasure.denoiser, image, prompt, erasure.deltas, int(steps), float(strength), size)
         return picture, "Purified."
+
+
+def form_field(gr, spec: Parameter, default):
+    """The gradio component of one erasure parameter (``ce_<name>`` is its element id)."""
+    common = {"label": spec.form_label, "info": spec.help, "elem_id": f"ce_{spec.name}"}
+    if spec.kind is str and spec.choices:
+        return gr.Dropdown(list(spec.choices), value=default, **common)
+    if spec.kind is str:
+        return gr.Textbox(value=default, lines=3 if spec.multiline else 1, **common)
+    limits = {"minimum": spec.form_minimum, "maximum": spec.maximum}
+    if spec.slider:
+        return gr.Slider(value=default, step=spec.step or 1, **limits, **common)
+    return gr.Number(value=default, precision=0 if spec.kind is int else None, **limits, **common)
 
 
 def build_ui(host: Host):
@@ -208,53 +196,18 @@ def build_ui(host: Host):
                     label="Model",
                     value=host.default_model,
                     visible=host.chooses_model,
-                    info="diffusers folder, .safetensors / .ckpt file, or builtin:shapes",
+                    info=f"diffusers folder, .safetensors / .ckpt file, or {BUILTIN_MODEL}",
                 )
                 form["folder"] = gr.Textbox(
                     label="Save into folder", value=host.default_folder, visible=host.chooses_model, elem_id="ce_folder"
                 )
-                form["erase"] = gr.Textbox(label="Erase", placeholder="e.g. Van Gogh", elem_id="ce_erase")
-                form["alternative"] = gr.Textbox(
-                    label="Replace with (optional)", placeholder="e.g. dry brushing", elem_id="ce_alternative"
-                )
-                form["preserve"] = gr.Textbox(label="Preserve (one prompt per line)", lines=3, elem_id="ce_preserve")
-                with gr.Row():
-                    form["method"] = gr.Dropdown(sorted(PRESETS), value="surgical", label="Method", elem_id="ce_method")
-                    form["train"] = gr.Dropdown(
-                        list(TRAINABLE_SETS), value="xattn", label="Trainable layers", elem_id="ce_train"
-                    )
-                with gr.Row():
-                    form["rank"] = gr.Slider(
-                        0, 128, value=4, step=1, label="LoRA rank (0 = full rank)", elem_id="ce_rank"
-                    )
-                    form["steps"] = gr.Slider(
-                        1, 2000, value=host.default_steps, step=1, label="Steps", elem_id="ce_steps"
-                    )
-                with gr.Row():
-                    form["lr"] = gr.Number(value=host.default_lr, label="Learning rate", elem_id="ce_lr")
-                    form["seed"] = gr.Number(value=0, label="Seed", precision=0, elem_id="ce_seed")
+                for spec in PARAMETERS:
+                    if not spec.advanced:
+                        form[spec.name] = form_field(gr, spec, host.defaults.get(spec.name, spec.default))
                 with gr.Accordion("Advanced", open=False, elem_id="ce_advanced"):
-                    with gr.Row():
-                        form["eta"] = gr.Number(value=PRESET_VALUE, label="eta (-1: the method's)", elem_id="ce_eta")
-                        form["lambda_u"] = gr.Number(
-                            value=PRESET_VALUE, label="lambda_u (-1: the method's)", elem_id="ce_lambda_u"
-                        )
-                        form["lambda_p"] = gr.Number(
-                            value=PRESET_VALUE, label="lambda_p (-1: the method's)", elem_id="ce_lambda_p"
-                        )
-                    with gr.Row():
-                        form["trajectories"] = gr.Slider(
-                            1, 32, value=4, step=1, label="Trajectories per prompt", elem_id="ce_trajectories"
-                        )
-                        form["sampler_steps"] = gr.Slider(
-                            1, 200, value=50, step=1, label="Sampler steps", elem_id="ce_sampler_steps"
-                        )
-                        form["sampler_cfg"] = gr.Slider(
-                            0, 15, value=3.0, step=0.5, label="Sampler CFG", elem_id="ce_sampler_cfg"
-                        )
-                        form["resolution"] = gr.Number(
-                            value=0, precision=0, label="Resolution (0: the model's)", elem_id="ce_resolution"
-                        )
+                    for spec in PARAMETERS:
+                        if spec.advanced:
+                            form[spec.name] = form_field(gr, spec, host.defaults.get(spec.name, spec.default))
                 with gr.Row():
                     form["name"] = gr.Textbox(label="Output name", value="erased", elem_id="ce_name")
                     form["want_lora"] = gr.Checkbox(value=True, label="Save LoRA", elem_id="ce_want_lora")
@@ -290,16 +243,16 @@ def build_ui(host: Host):
 class StandaloneHost(Host):
     """``erase-concept ui``: any model path, files into a folder the user picks."""
 
-    def __init__(self, model: str = "builtin:shapes", folder: str = ".", device: str = "cpu"):
+    def __init__(self, model: str = BUILTIN_MODEL, folder: str = ".", device: str = "cpu"):
         self.default_model, self.default_folder, self.device = model, folder, device
         self.loaded: dict[str, Denoiser] = {}
-        if model == BUILTIN_SHAPES:  # the tiny demo model learns fast: the benchmark's settings
-            from .builtin.bench import DEFAULT_LR, DEFAULT_STEPS
+        if model == BUILTIN_MODEL:  # the tiny demo model learns fast: the benchmark's settings
+            from ..benchmarks.efficacy import DEFAULT_LR, DEFAULT_STEPS
 
-            self.default_steps, self.default_lr = DEFAULT_STEPS, DEFAULT_LR
+            self.defaults = {"steps": DEFAULT_STEPS, "lr": DEFAULT_LR}
 
     def denoiser(self, model: str) -> Denoiser:
-        from .loading import load_denoiser
+        from ..hosts.diffusers_loading import load_denoiser
 
         model = model.strip() or self.default_model
         if model not in self.loaded:

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cached_property
 
 import torch
 from torch import nn
 
-from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, UNetLayer, weights_sha256
+from ..architectures import ARCHITECTURES, LATENT_CHANNELS, SUPPORTED, VAE_SCALE_FACTOR
+from ..denoiser import Conditioning, Denoiser, NoiseSchedule, to_signed_range, to_unit_range
 
-# cross-attention context width -> (architecture, native resolution for eps, for v)
-CONTEXT_WIDTH = {768: ("sd1", 512, 512), 1024: ("sd2", 512, 768), 2048: ("sdxl", 1024, 1024)}
+# A1111's models tell the families apart by their cross-attention context's width.
+BY_CONTEXT_WIDTH = {a.context_width: a for a in ARCHITECTURES.values()}
 PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
 
 
-class ApplyModel(nn.Module):
+class OutputFromTimestep(nn.Module):
     """The host's UNet wrapper (ldm ``DiffusionWrapper`` or sgm ``OpenAIWrapper``) under
     the name ``model``, called the way the host's ``apply_model`` calls it."""
 
@@ -40,7 +40,7 @@ def context_width(unet: nn.Module) -> int:
     for name, module in unet.named_modules():
         if name.endswith("attn2.to_k"):
             return module.in_features
-    raise ValueError("this model has no cross-attention layer; concept erasing supports SD1.x, SD2.x and SDXL")
+    raise ValueError(f"this model has no cross-attention layer; concept erasing supports {SUPPORTED}")
 
 
 class A1111Denoiser(Denoiser):
@@ -49,19 +49,19 @@ class A1111Denoiser(Denoiser):
         self.is_sdxl = hasattr(model, "conditioner")  # sgm's DiffusionEngine
         width = context_width(model.model.diffusion_model)
         parameterization = getattr(model, "parameterization", "eps")
-        if width not in CONTEXT_WIDTH or parameterization not in PREDICTION:
+        if width not in BY_CONTEXT_WIDTH or parameterization not in PREDICTION:
             raise ValueError(
-                f"concept erasing supports SD1.x, SD2.x and SDXL (eps or v); this model has a {width}-wide "
+                f"concept erasing supports {SUPPORTED} (eps or v); this model has a {width}-wide "
                 f"text context and {parameterization!r} parameterization"
             )
-        architecture, eps_size, v_size = CONTEXT_WIDTH[width]
         prediction = PREDICTION[parameterization]
-        self.unet = ApplyModel(model.model, self.is_sdxl)
+        self.network = OutputFromTimestep(model.model, self.is_sdxl)
+        self.unet = model.model.diffusion_model
+        self.weight_prefix = "model.diffusion_model."
         self.schedule = NoiseSchedule(model.alphas_cumprod.detach().double().cpu(), prediction)
-        self.latent_channels = 4
-        self.vae_scale_factor = 8
-        self.info = BaseModelInfo(name, architecture, v_size if prediction == "v_prediction" else eps_size)
-        self._sha256 = sha256
+        self.latent_channels, self.vae_scale_factor = LATENT_CHANNELS, VAE_SCALE_FACTOR
+        self.info = BY_CONTEXT_WIDTH[width].info(name, prediction)
+        self.known_sha256 = sha256
         # ldm's own gradient checkpointing (the configs' use_checkpoint: True) hides the weights that
         # functional_call passes in from autograd; A1111 >= 1.7 turns it off at load, older ones do not.
         self._checkpointed = [
@@ -91,30 +91,19 @@ class A1111Denoiser(Denoiser):
 
     def _predict(self, x_t, t, cond, weights):
         with self._checkpointing_off():
-            return self.call_unet(weights, x_t, t, cond.context, cond.extras.get("vector"))
-
-    def unet_layers(self) -> list[UNetLayer]:
-        return [
-            UNetLayer(name, f"model.diffusion_model.{name}.weight", module)
-            for name, module in self.model.model.diffusion_model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d))
-        ]
+            return self.call_network(weights, x_t, t, cond.context, cond.extras.get("vector"))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.model.decode_first_stage(latents.to(self.dtype))
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(images)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        encoded = self.model.encode_first_stage((images * 2 - 1).to(self.device, self.dtype))
+        encoded = self.model.encode_first_stage(to_signed_range(images).to(self.device, self.dtype))
         if self.is_sdxl:  # sgm's encode_first_stage already returns the scaled latents
             return encoded
         return self.model.get_first_stage_encoding(encoded)
 
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
-
-    @cached_property
-    def sha256(self) -> str:
-        return self._sha256 or weights_sha256(self.model.model.diffusion_model)

@@ -1,0 +1,233 @@
+"""The erasure's parameters, declared once: ``EraseConfig``'s fields carry each one's label,
+help, default, range and basic/advanced flag, and every front end (the CLI's flags, the
+gradio form, the ComfyUI node's inputs) is built from ``PARAMETERS``.
+
+A form shows a value that leaves a setting to the engine as ``unset`` (0: full rank or the
+model's own size; -1: the method's preset); the config holds None there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import Field, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .layers import TRAINABLE_SETS
+from .objective import PRESETS, Objective, make_objective
+
+# Bounds on what a user types: prompts are stored in every file's header, which must stay small.
+MAX_PROMPT_CHARS = 1000
+MAX_PRESERVE_PROMPTS = 64
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One user-facing erasure parameter, as every front end shows it."""
+
+    label: str
+    help: str
+    default: Any  # as a form shows it
+    minimum: float | None = None  # of a set value (``unset`` lies outside the range)
+    maximum: float | None = None
+    step: float | None = None  # the granularity a value must have
+    choices: tuple[str, ...] = ()
+    unset: int | float | None = None  # the form value that leaves the config's value None
+    unset_means: str = ""  # what the engine does then
+    advanced: bool = False
+    multiline: bool = False  # one prompt per line
+    slider: bool = False  # shown as a slider where a front end has one
+    name: str = ""  # the EraseConfig field (filled in from it)
+    is_list: bool = False  # the config holds a list of prompts (filled in from the field)
+
+    @property
+    def form_label(self) -> str:
+        """The label with the meaning of ``unset``: "LoRA rank (0: full rank)"."""
+        return f"{self.label} ({self.unset:g}: {self.unset_means})" if self.unset is not None else self.label
+
+    @property
+    def form_minimum(self) -> float | None:
+        """The lowest value a form accepts: ``unset`` where it lies below the range."""
+        if self.unset is not None and self.minimum is not None:
+            return min(self.unset, self.minimum)
+        return self.minimum
+
+    @property
+    def kind(self) -> type:
+        """The form value's type: str, int or float."""
+        return type(self.default)
+
+    def to_config(self, value: Any) -> Any:
+        """A form's value as the config holds it."""
+        if self.is_list:
+            text = str(value)
+            return text.splitlines() if self.multiline else [text] if text.strip() else []
+        if self.unset is not None and value is not None and float(value) == self.unset:
+            return None
+        return self.kind(value) if value is not None else None
+
+    def check(self, value: Any) -> None:
+        """Raise ValueError if a set value lies outside the range or off the step."""
+        if value is None or self.kind is str:
+            if self.choices and value not in self.choices:
+                raise ValueError(f"unknown {self.name} {value!r}; choose one of {', '.join(self.choices)}")
+            return
+        if not (self.minimum <= value <= self.maximum) or not math.isfinite(value):
+            raise ValueError(f"{self.name} must be between {self.minimum:g} and {self.maximum:g}, got {value}")
+        if self.kind is int and self.step and value % self.step:
+            raise ValueError(f"{self.name} must be a multiple of {self.step:g}, got {value}")
+
+
+def parameter(
+    label: str,
+    help: str,
+    default: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    step: float | None = None,
+    **options,
+) -> Field:
+    """A config field declared with what the front ends show of it."""
+    spec = Parameter(label, help, default, minimum, maximum, step, **options)
+    if spec.kind is str and not spec.choices:  # prompts: a list in the config
+        return field(default_factory=list, metadata={"parameter": spec})
+    config_default = None if default == spec.unset else default
+    return field(default=config_default, metadata={"parameter": spec})
+
+
+def coefficient(label: str, help: str) -> Field:
+    """One of the objective's coefficients: -1 in a form keeps the method's preset value."""
+    return parameter(label, help, -1.0, 0.0, 100.0, 0.05, unset=-1.0, unset_means="the method's preset", advanced=True)
+
+
+@dataclass
+class EraseConfig:
+    """Everything an erasure depends on.  Same config and model: same result."""
+
+    erase: list[str] = parameter("Erase", "The concept to erase, e.g. 'Van Gogh'.", "")
+    into: list[str] = parameter(
+        "Replace with (optional)", "What to draw instead (empty: nothing); one, or one per erased concept.", ""
+    )
+    preserve: list[str] = parameter(
+        "Preserve (one prompt per line)", "Prompts whose pictures must not change.", "", multiline=True
+    )
+    method: str = parameter(
+        "Method", "surgical: the paper's guidance surgery; esd: the ESD baseline.", "surgical", choices=tuple(PRESETS)
+    )
+    train: str = parameter(
+        "Trainable layers",
+        "Which UNet layers change: xattn (cross-attention), xattn-kv (its key/value), noxattn, full.",
+        "xattn",
+        choices=TRAINABLE_SETS,
+    )
+    lora_rank: int | None = parameter(
+        "LoRA rank",
+        "Rank of the trained LoRA; 0 trains full-rank deltas.",
+        4,
+        1,
+        256,
+        unset=0,
+        unset_means="full rank",
+        slider=True,
+    )
+    steps: int = parameter("Steps", "Training steps.", 200, 1, 100_000)
+    lr: float = parameter("Learning rate", "AdamW's learning rate.", 1e-4, 1e-7, 1.0, step=1e-5)
+    seed: int = parameter("Seed", "Same seed and inputs: the same file.", 0, 0, 2**64 - 1)
+    eta: float | None = coefficient("eta", "Negative guidance on the erased concept.")
+    lambda_u: float | None = coefficient("lambda_u", "Weight of the unconditional-score term.")
+    lambda_p: float | None = coefficient("lambda_p", "Weight of the preserve term.")
+    trajectories: int = parameter(
+        "Trajectories per prompt",
+        "Seeds the frozen model samples once per prompt.",
+        4,
+        1,
+        64,
+        advanced=True,
+        slider=True,
+    )
+    sampler_steps: int = parameter(
+        "Sampler steps", "DDIM steps of the trajectory sampler.", 50, 1, 1000, advanced=True, slider=True
+    )
+    sampler_cfg: float = parameter(
+        "Sampler CFG", "CFG scale of the trajectory sampler.", 3.0, 0.0, 30.0, 0.5, advanced=True, slider=True
+    )
+    resolution: int | None = parameter(
+        "Resolution",
+        "Image size in pixels the erasure trains at.",
+        0,
+        8,
+        4096,
+        8,
+        unset=0,
+        unset_means="the model's",
+        advanced=True,
+    )
+    lora_alpha: float | None = parameter(
+        "LoRA alpha",
+        "LoRA scale numerator (alpha / rank).",
+        0.0,
+        1e-3,
+        4096.0,
+        unset=0.0,
+        unset_means="the rank",
+        advanced=True,
+    )
+
+    def __post_init__(self) -> None:
+        for spec in PARAMETERS:  # a form's "unset" value stands for None here too
+            value = getattr(self, spec.name)
+            if spec.unset is not None and value is not None and value == spec.unset:
+                setattr(self, spec.name, None)
+        self.erase = [p.strip() for p in self.erase]
+        self.into = [p.strip() for p in self.into]
+        self.preserve = [p.strip() for p in self.preserve if p.strip()]
+        if not self.erase or not all(self.erase):
+            raise ValueError("give at least one non-empty concept to erase")
+        if self.into and len(self.into) not in (1, len(self.erase)):
+            raise ValueError("give one alternative, or one per erased concept")
+        if len(self.into) == 1:
+            self.into = self.into * len(self.erase)
+        for erase, into in zip(self.erase, self.into, strict=False):
+            if erase.casefold() == into.casefold():
+                raise ValueError(f"the alternative {into!r} is the concept being erased")
+        kept = sorted({p for p in self.preserve if p.casefold() in {e.casefold() for e in self.erase}})
+        if kept:
+            raise ValueError(f"the preserve list contains the concept being erased: {kept}")
+        if len(self.preserve) > MAX_PRESERVE_PROMPTS:
+            raise ValueError(f"at most {MAX_PRESERVE_PROMPTS} preserve prompts, got {len(self.preserve)}")
+        longest = max([*self.erase, *self.into, *self.preserve], key=len)
+        if len(longest) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompts are limited to {MAX_PROMPT_CHARS} characters, one has {len(longest)}")
+        for spec in PARAMETERS:
+            if not spec.is_list:
+                spec.check(getattr(self, spec.name))
+
+    def objective(self) -> Objective:
+        objective = make_objective(self.method, self.eta, self.lambda_u, self.lambda_p)
+        if any(self.into) and not objective.allows_alternative:
+            raise ValueError(f"the {self.method!r} method erases without an alternative; drop --into")
+        return objective
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return list(zip(self.erase, self.into or [""] * len(self.erase), strict=True))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_form(cls, values: dict[str, Any], **overrides) -> EraseConfig:
+        """A config from a front end's values, named and shaped as ``PARAMETERS`` declares
+        them (missing ones at their defaults); ``overrides`` are config values."""
+        given = {spec.name: spec.to_config(values.get(spec.name, spec.default)) for spec in PARAMETERS}
+        config = cls(**{**given, **overrides})
+        config.objective()  # a bad combination of method and alternative fails here, before any work
+        return config
+
+
+def _declared(config_field: Field) -> Parameter:
+    return replace(
+        config_field.metadata["parameter"], name=config_field.name, is_list=str(config_field.type).startswith("list")
+    )
+
+
+PARAMETERS: tuple[Parameter, ...] = tuple(_declared(f) for f in fields(EraseConfig))
+BY_NAME = {spec.name: spec for spec in PARAMETERS}
