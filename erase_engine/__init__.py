@@ -1,6 +1,7 @@
 """Surgical concept erasing for Stable Diffusion ("All but One", AAAI 2024)."""
 
-from .denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule
+from .architectures import BaseModelInfo
+from .denoiser import Conditioning, Denoiser, NoiseSchedule
 from .exports import lora_state_dict, save_checkpoint, save_lora
 from .hosts.diffusers_loading import load_denoiser
 from .layers import UNetLayer

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .denoiser import BaseModelInfo
-
 SUPPORTED = "Stable Diffusion 1.x, 2.x and XL"
 LATENT_CHANNELS = 4  # every supported family's VAE
 VAE_SCALE_FACTOR = 8  # image pixels per latent pixel, likewise
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What an export records about the model the erasure started from."""
+
+    name: str
+    architecture: str  # "sd1", "sd2" or "sdxl"
+    resolution: int  # native image size in pixels
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class Architecture:
     context_width: int  # the cross-attention context's width
     kohya_version: str  # kohya's ss_base_model_version
     modelspec: str  # modelspec.architecture of its checkpoints (its LoRAs add "/lora")
+    lora_layout: str  # "diffusers" or "ldm": the module paths kohya's trainer names its LoRA keys by
 
     def resolution(self, prediction_type: str) -> int:
         return self.v_resolution if prediction_type == "v_prediction" else self.eps_resolution
@@ -40,8 +48,8 @@ class Architecture:
 ARCHITECTURES = {
     a.name: a
     for a in (
-        Architecture("sd1", 512, 512, 768, "sd_v1", "stable-diffusion-v1"),
-        Architecture("sd2", 512, 768, 1024, "sd_v2", "stable-diffusion-v2"),
-        Architecture("sdxl", 1024, 1024, 2048, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+        Architecture("sd1", 512, 512, 768, "sd_v1", "stable-diffusion-v1", "diffusers"),
+        Architecture("sd2", 512, 768, 1024, "sd_v2", "stable-diffusion-v2", "diffusers"),
+        Architecture("sdxl", 1024, 1024, 2048, "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "ldm"),
     )
 }

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import UNetLayer, is_trainable, kohya_name
+from .layers import UNetLayer, is_trainable, lora_name
 
 
 class LoRADelta(nn.Module):
@@ -62,7 +62,7 @@ class WeightDeltas(nn.Module):
     @classmethod
     def create(cls, layers: list[UNetLayer], train: str, rank: int | None, alpha: float | None = None) -> WeightDeltas:
         """Fresh deltas (the student starts equal to the teacher) on the ``train`` set."""
-        selected = {kohya_name(layer.ldm_name): layer for layer in layers if is_trainable(layer.ldm_name, train)}
+        selected = {layer.lora_name: layer for layer in layers if is_trainable(layer.ldm_name, train)}
         if not selected:
             raise ValueError(f"the trainable set {train!r} selects no layer of this model")
         alpha = float(alpha if alpha is not None else (rank or 0))
@@ -84,8 +84,10 @@ class WeightDeltas(nn.Module):
 
     @classmethod
     def from_lora(cls, layers: list[UNetLayer], state: dict[str, torch.Tensor]) -> WeightDeltas:
-        """Deltas read back from a kohya LoRA state dict (every key must match a layer)."""
-        by_name = {kohya_name(layer.ldm_name): layer for layer in layers}
+        """Deltas read back from a kohya LoRA state dict (every key must match a layer), whether
+        its keys name layers the way kohya names them for the family or by their original-layout
+        paths (as this engine wrote every family's LoRAs before)."""
+        by_name = {lora_name(layer.ldm_name): layer for layer in layers} | {layer.lora_name: layer for layer in layers}
         modules = sorted({k.rsplit(".lora_", 1)[0].removesuffix(".alpha") for k in state})
         unknown = [m for m in modules if m not in by_name]
         if unknown:
@@ -103,10 +105,11 @@ class WeightDeltas(nn.Module):
             delta = LoRADelta(by_name[key].module.weight, rank, alpha)
             delta.down.data.copy_(down.reshape(rank, -1))
             delta.up.data.copy_(up.reshape(up.shape[0], rank))
-            deltas[key] = delta
+            deltas[by_name[key].lora_name] = delta
         rank = max(d.rank for d in deltas.values())
-        alpha = deltas[modules[0]].alpha
-        return cls({k: by_name[k] for k in modules}, deltas, rank, alpha).requires_grad_(False)
+        alpha = next(iter(deltas.values())).alpha
+        layers_read = {by_name[key].lora_name: by_name[key] for key in modules}
+        return cls(layers_read, deltas, rank, alpha).requires_grad_(False)
 
     @property
     def is_lora(self) -> bool:

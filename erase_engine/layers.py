@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,8 @@ TRAINABLE_SETS = ("xattn", "xattn-kv", "noxattn", "full")
 class UNetLayer:
     """One weight-bearing layer of the UNet that a delta may be attached to."""
 
-    ldm_name: str  # module path in the original ldm/sgm layout (names the LoRA key)
+    ldm_name: str  # module path in the original ldm/sgm layout
+    lora_name: str  # the key kohya's trainer writes for it (``lora_unet_…``): see ``lora_name``
     weight_name: str  # parameter name inside ``Denoiser.network`` (for functional_call)
     module: nn.Module  # a linear or 2-d convolution layer
 
@@ -25,18 +25,6 @@ def is_weight_layer(module: nn.Module) -> bool:
     from their own layer classes (Forge's are not torch's)."""
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.dim() in (2, 4)
-
-
-def list_unet_layers(
-    unet: nn.Module, weight_prefix: str = "", ldm_name: Callable[[str], str] = lambda path: path
-) -> list[UNetLayer]:
-    """Every layer of ``unet``; ``weight_prefix`` is the UNet's path inside the denoiser's
-    network, ``ldm_name`` maps a module path to its original-layout name."""
-    return [
-        UNetLayer(ldm_name(path), f"{weight_prefix}{path}.weight", module)
-        for path, module in unet.named_modules()
-        if is_weight_layer(module)
-    ]
 
 
 def is_trainable(ldm_name: str, train: str) -> bool:
@@ -57,5 +45,8 @@ def is_trainable(ldm_name: str, train: str) -> bool:
     raise ValueError(f"unknown trainable set {train!r}; choose one of {', '.join(TRAINABLE_SETS)}")
 
 
-def kohya_name(ldm_name: str) -> str:
-    return "lora_unet_" + ldm_name.replace(".", "_")
+def lora_name(module_path: str) -> str:
+    """kohya's key for a UNet module: ``lora_unet_`` and its path with ``_`` for ``.``.  kohya's
+    trainer names SD1/SD2 modules by their diffusers paths and SDXL's by their original
+    (sgm) ones, and diffusers' loader reads only those: ``Architecture.lora_layout`` says which."""
+    return "lora_unet_" + module_path.replace(".", "_")

@@ -46,3 +46,18 @@ def test_standard_configs_build_the_released_architectures(architecture):
     unet = models["unet"]
     names = set(ldm_layout.unet_to_ldm(unet.state_dict(), unet.config))
     assert {f"model.diffusion_model.{k}" for k in KNOWN_KEYS[architecture]} <= names
+
+
+@pytest.mark.parametrize("architecture", sorted(STANDARD))
+def test_original_layout_names_map_back_to_the_diffusers_paths(architecture):
+    """Hosts name UNet layers in the original layout; an SD1/SD2 LoRA key needs the diffusers
+    path (kohya's naming): the inverse mapping recovers every layer of the released UNets."""
+    from erase_engine.layers import is_weight_layer
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(STANDARD[architecture]["unet"])
+    paths = [name for name, module in unet.named_modules() if is_weight_layer(module)]
+    ldm_names = [ldm_layout.unet_ldm_name(path, unet.config) for path in paths]
+    per_block = ldm_layout.layers_per_block(ldm_names)
+    assert per_block == 2
+    assert [ldm_layout.unet_diffusers_name(name, per_block) for name in ldm_names] == paths

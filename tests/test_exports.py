@@ -14,20 +14,35 @@ from erase_engine import EraseConfig, erase_concept, load_denoiser, save_checkpo
 UNET = "model.diffusion_model."
 
 
-def apply_kohya_lora(original: dict, lora: dict) -> dict:
-    """kohya semantics, written from the format: W += up @ down * alpha / rank, keys over ldm paths."""
-    by_key = {
-        "lora_unet_" + k[len(UNET) : -len(".weight")].replace(".", "_"): k for k in original if k.startswith(UNET)
-    }
-    merged = dict(original)
-    for key in (k for k in lora if k.endswith(".lora_down.weight")):
-        module = key[: -len(".lora_down.weight")]
-        down, up = lora[key], lora[f"{module}.lora_up.weight"]
-        alpha, rank = float(lora[f"{module}.alpha"]), down.shape[0]
-        weight = merged[by_key[module]]  # KeyError here: a key that resolves to no module
-        delta = (up.flatten(1) @ down.flatten(1)) * (alpha / rank)
-        merged[by_key[module]] = weight + delta.reshape(weight.shape)
-    return merged
+def kohya_keys(state: dict, prefix: str = "") -> dict[str, str]:
+    """kohya's key for each weight of a state dict: ``lora_unet_`` and the module path with ``_``."""
+    return {"lora_unet_" + k[len(prefix) : -len(".weight")].replace(".", "_"): k for k in state if k.startswith(prefix)}
+
+
+def add_lora(state: dict, lora: dict, keys: dict[str, str]) -> tuple[dict, set[str]]:
+    """kohya semantics, written from the format: W += up @ down * alpha / rank for the LoRA
+    modules that ``keys`` resolves; returns the state and the modules applied."""
+    merged, applied = dict(state), set()
+    for module in (k.removesuffix(".lora_down.weight") for k in lora if k.endswith(".lora_down.weight")):
+        if module in keys:
+            down, up = lora[f"{module}.lora_down.weight"], lora[f"{module}.lora_up.weight"]
+            weight = merged[keys[module]]
+            delta = (up.flatten(1) @ down.flatten(1)) * (float(lora[f"{module}.alpha"]) / down.shape[0])
+            merged[keys[module]] = weight + delta.reshape(weight.shape)
+            applied.add(module)
+    return merged, applied
+
+
+def unet_with_kohya_lora(original: dict, lora: dict, unet_config) -> dict:
+    """The UNet's diffusers state with the LoRA applied, whether its keys name original-layout
+    modules (kohya's SDXL form) or diffusers ones (its SD1/SD2 form): the original weights go
+    through diffusers' own converter, and every LoRA module must resolve in one of the two."""
+    merged, in_ldm = add_lora(original, lora, kohya_keys(original, UNET))
+    converted = convert_ldm_unet_checkpoint(merged, unet_config)
+    converted, in_diffusers = add_lora(converted, lora, kohya_keys(converted))
+    modules = {k.removesuffix(".lora_down.weight") for k in lora if k.endswith(".lora_down.weight")}
+    assert not in_ldm & in_diffusers and in_ldm | in_diffusers == modules  # each module resolved, once
+    return converted
 
 
 def erase_tiny(denoiser, **overrides):
@@ -55,9 +70,11 @@ def test_lora_file_reproduces_the_student(tiny_denoiser, tmp_path, lora_rank, ex
     )
     assert len(lora) == 3 * len(erasure.deltas.layers)
 
-    merged = apply_kohya_lora(tiny_denoiser.original_state_dict(), lora)
     unet = UNet2DConditionModel.from_config(tiny_denoiser.unet.config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(merged, unet.config))
+    unet.load_state_dict(unet_with_kohya_lora(tiny_denoiser.original_state_dict(), lora, unet.config))
+    layout = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "original"}[tiny_denoiser.info.architecture]
+    diffusers_form = any(k.startswith("lora_unet_down_blocks_") for k in lora)
+    assert diffusers_form == (layout == "diffusers")  # kohya's naming for the family
     x, t, cond = probe(tiny_denoiser)
     with torch.no_grad():
         loaded = unet(x, t, cond.context, added_cond_kwargs=cond.extras or None).sample
@@ -132,6 +149,27 @@ def test_lora_file_loads_back_as_deltas(tiny_denoiser, tmp_path):
         )
     with pytest.raises(ValueError, match="match no layer"):
         WeightDeltas.from_lora(tiny_denoiser.unet_layers(), {"lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1)})
+
+
+def test_a_lora_with_original_layout_names_still_loads(tiny_denoiser, tmp_path):
+    """Files written before kohya's per-family naming named every family's modules by their
+    original-layout paths; purify and the other readers still take them."""
+    from erase_engine.deltas import WeightDeltas
+
+    erasure = erase_tiny(tiny_denoiser, lora_rank=4, train="noxattn")
+    lora = load_file(save_lora(erasure, tmp_path / "erased.safetensors"))
+    by_lora_name = {layer.lora_name: layer for layer in tiny_denoiser.unet_layers()}
+    old_names = {}
+    for key, value in lora.items():
+        module, _, suffix = key.partition(".")
+        old_names[f"lora_unet_{by_lora_name[module].ldm_name.replace('.', '_')}.{suffix}"] = value
+    assert (set(old_names) == set(lora)) == (tiny_denoiser.info.architecture == "sdxl")
+    loaded = WeightDeltas.from_lora(tiny_denoiser.unet_layers(), old_names)
+    x, t, cond = probe(tiny_denoiser)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tiny_denoiser.output(x, t, cond, loaded), tiny_denoiser.output(x, t, cond, erasure.deltas)
+        )
 
 
 def test_keep_existing_gives_the_next_free_name_and_never_overwrites(tiny_denoiser, tmp_path):

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .. import ldm_layout
-from ..denoiser import BaseModelInfo, Conditioning, Denoiser, NoiseSchedule, to_signed_range, to_unit_range
+from ..architectures import BaseModelInfo
+from ..denoiser import Conditioning, Denoiser, NoiseSchedule, to_signed_range, to_unit_range
 from ..files import read_state_dict, sha256_of_file, weights_sha256
 from ..tokenizer import check_vocab_size
 from .diffusers_configs import CONFIG_METADATA_KEY

@@ -13,15 +13,15 @@ from erase_engine.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
 
 
-def _text_encoder(hidden_act: str, with_projection: bool = False):
+def _text_encoder(hidden_act: str, with_projection: bool = False, layers: int = 2, width: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=32,
+        hidden_size=width,
         intermediate_size=37,
         num_attention_heads=4,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         max_position_embeddings=77,
         hidden_act=hidden_act,
         projection_dim=32,
@@ -29,8 +29,12 @@ def _text_encoder(hidden_act: str, with_projection: bool = False):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def build_tiny_model(folder: Path, architecture: str, seed: int = 0) -> Path:
-    """A random-weight model of the given family, small enough for CPU tests."""
+def build_tiny_model(folder: Path, architecture: str, seed: int = 0, released_shapes: bool = False) -> Path:
+    """A random-weight model of the given family, small enough for CPU tests.  diffusers'
+    single-file loader tells SDXL's two text encoders apart as released SDXL files have them
+    (OpenCLIP with a tenth layer, wider than CLIP): ``released_shapes`` builds it so, for a
+    file diffusers must read."""
+    open_clip_layers, open_clip_width = (10, 48) if released_shapes else (2, 32)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -44,13 +48,16 @@ def build_tiny_model(folder: Path, architecture: str, seed: int = 0) -> Path:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2),
             attention_head_dim=(2, 4),
-            cross_attention_dim=64,
+            cross_attention_dim=32 + open_clip_width,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8,
         )
-        encoders = {"text_encoder": _text_encoder("quick_gelu"), "text_encoder_2": _text_encoder("gelu", True)}
+        encoders = {
+            "text_encoder": _text_encoder("quick_gelu"),
+            "text_encoder_2": _text_encoder("gelu", True, open_clip_layers, open_clip_width),
+        }
     else:
         unet = UNet2DConditionModel(
             **common,
