@@ -71,12 +71,11 @@ def write_safetensors(
     _remove_stale_temporaries(path.parent)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=PARTIAL, dir=path.parent)
     os.close(descriptor)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; a model file is as readable as any other
     try:
         save_file(state, temporary, metadata=metadata)
         _sort_header(temporary)
+        # mkstemp and safetensors make 0600; a model file gets the mode a plain write gives (the umask's)
+        os.chmod(temporary, 0o666 & ~current_umask())
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())  # on disk before it gets its name: a crash never leaves a short model file
         if if_exists == "replace":
@@ -89,6 +88,12 @@ def write_safetensors(
 
 
 PARTIAL = ".partial"
+
+
+def current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 def _remove_stale_temporaries(folder: Path) -> None:

@@ -4,7 +4,9 @@ headers that store what a user typed faithfully and stay small."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -138,3 +140,16 @@ def test_metadata_stays_bounded_at_the_largest_allowed_input(sd1, tmp_path, caps
     assert code == 0, err
     header = int.from_bytes(out.read_bytes()[:8], "little")
     assert header < 300_000, header  # 66 prompts of 1,000 characters, each stored a few times, and no more
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_written_model_gets_the_mode_a_plain_write_would_give(tmp_path, umask):
+    """Other accounts (a file browser, another user of a shared server) read model files as
+    they read any other file: the umask decides, not the temporary file's 0600."""
+    previous = os.umask(umask)
+    try:
+        for if_exists in ("refuse", "replace"):
+            path = write_safetensors({"x": torch.zeros(2)}, tmp_path / f"{if_exists}.safetensors", {}, if_exists)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, if_exists
+    finally:
+        os.umask(previous)
