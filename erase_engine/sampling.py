@@ -7,6 +7,7 @@ latent is kept, and each training step draws ``(x_t, t)`` from that cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,6 +57,7 @@ def ddim_sample(
     keep_trajectory: bool = False,
     start: int = 0,
     stop: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Deterministic DDIM from ``noise`` (one row per prompt in ``cond``).
 
@@ -65,6 +67,7 @@ def ddim_sample(
     of reaching one ``x_t``).  Returns the latents; if asked, the trajectory: the
     latents *entering* every step run and the model's unconditional and conditional
     outputs there (each [steps, B, ...]); and the timesteps of the steps run.
+    ``on_step(done, total)`` is called after each step (it may raise to stop the run).
     """
     schedule = denoiser.schedule
     every = ddim_timesteps(schedule.num_timesteps, steps)
@@ -84,6 +87,8 @@ def ddim_sample(
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         else:
             x = x0
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
     trajectory = Trajectory(*(torch.stack(part) for part in zip(*kept, strict=True))) if keep_trajectory else None
     return x, trajectory, timesteps
 
@@ -155,12 +160,16 @@ class TrajectoryCache:
         cfg_scale: float,
         latent_shape: tuple[int, int, int],
         generator: torch.Generator,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> TrajectoryCache:
-        """Run the frozen model once: K seeds per prompt, all prompts in one batch."""
+        """Run the frozen model once: K seeds per prompt, all prompts in one batch
+        (``on_step(done, total)`` after each sampler step)."""
         prompts = list(dict.fromkeys(prompts))
         cond = denoiser.encode(prompts).repeat(trajectories).to(denoiser.device)
         noise = torch.randn((len(cond), *latent_shape), generator=generator).to(denoiser.device, denoiser.dtype)
-        _, trajectory, timesteps = ddim_sample(denoiser, cond, noise, steps, cfg_scale, keep_trajectory=True)
+        _, trajectory, timesteps = ddim_sample(
+            denoiser, cond, noise, steps, cfg_scale, keep_trajectory=True, on_step=on_step
+        )
 
         def per_prompt(part: torch.Tensor) -> torch.Tensor:  # [S, P*K, ...] -> [P, K, S, ...]
             return part.transpose(0, 1).reshape(len(prompts), trajectories, len(timesteps), *latent_shape)

@@ -42,7 +42,17 @@ class Erasure:
     seconds: dict[str, float]
 
 
-ProgressFn = Callable[[int, int, dict[str, float]], None]
+@dataclass(frozen=True)
+class Progress:
+    """Where a run is: sampling the trajectory cache (the longest part on a CPU), then training."""
+
+    phase: str  # "sampling" or "training"
+    step: int  # steps done in this phase
+    total: int  # steps in this phase
+    losses: dict[str, float]  # the last training step's ({} while sampling)
+
+
+ProgressFn = Callable[[Progress], None]
 
 
 @dataclass
@@ -70,8 +80,9 @@ def erase_concept(
 ) -> Erasure:
     """Train weight deltas that erase ``config.erase`` from ``denoiser``.
 
-    ``progress(step, total, losses)`` is called after every step; if
-    ``should_stop()`` turns true the run raises ``ErasureCancelled``.  Running out
+    ``progress(Progress)`` is called after every sampler step of the trajectory cache and
+    every training step; if ``should_stop()`` turns true (checked as often) the run raises
+    ``ErasureCancelled``.  Running out
     of memory or a non-finite loss raises ``ErasureFailed``.  The denoiser's own
     weights are never modified, whatever happens.
     """
@@ -87,9 +98,22 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     pick = random.Random(config.seed)
     started = time.perf_counter()
 
+    def stop_if_asked(phase: str, step: int, total: int) -> None:
+        if should_stop is not None and should_stop():
+            raise ErasureCancelled(f"stopped while {phase}, after {step} of {total} steps")
+
+    def report(phase: str, step: int, total: int, losses: dict[str, float]) -> None:
+        if progress is not None:
+            progress(Progress(phase, step, total, losses))
+
+    def sampler_step(done: int, total: int) -> None:
+        report("sampling", done, total, {})
+        stop_if_asked("sampling the trajectory cache", done, total)
+
     cond = encode_prompts(denoiser, config)
     use_preserve = bool(config.preserve) and objective.lambda_p > 0
-    cache = sample_cache(denoiser, config, use_preserve, generator)
+    stop_if_asked("sampling the trajectory cache", 0, config.sampler_steps)
+    cache = sample_cache(denoiser, config, use_preserve, generator, sampler_step)
     sampled = time.perf_counter()
 
     # The deltas and their optimizer (the host's weights stay frozen and untouched).
@@ -101,8 +125,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
 
     losses = []
     for step in range(config.steps):
-        if should_stop is not None and should_stop():
-            raise ErasureCancelled(f"stopped after {step} of {config.steps} steps")
+        stop_if_asked("training", step, config.steps)
         draw = draw_states(cache, config, use_preserve, pick, generator)
         target = teacher_target(denoiser, objective, draw, cond)
         student = student_outputs(denoiser, deltas, objective, draw, cond)
@@ -123,8 +146,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         optimizer.step()
-        if progress is not None:
-            progress(step + 1, config.steps, losses[-1])
+        report("training", step + 1, config.steps, losses[-1])
 
     finished = time.perf_counter()
     deltas.requires_grad_(False)
@@ -146,7 +168,11 @@ def encode_prompts(denoiser: Denoiser, config: EraseConfig) -> dict[str, Conditi
 
 
 def sample_cache(
-    denoiser: Denoiser, config: EraseConfig, use_preserve: bool, generator: torch.Generator
+    denoiser: Denoiser,
+    config: EraseConfig,
+    use_preserve: bool,
+    generator: torch.Generator,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrajectoryCache:
     """The trajectory cache: the frozen model samples x_t once, for the erased (and preserve) prompts."""
     cache = TrajectoryCache.sample(
@@ -157,6 +183,7 @@ def sample_cache(
         config.sampler_cfg,
         denoiser.latent_shape(config.resolution),
         generator,
+        on_step,
     )
     if not all(x.isfinite().all() for x in (*cache.latents.values(), *cache.outputs.values())):
         raise ErasureFailed(f"the model's own samples became NaN or inf: {BROKEN_MODEL_HINT}")

@@ -17,7 +17,7 @@ from ..erase_engine.hosts.comfyui import ComfyDenoiser
 from ..erase_engine.parameters import PARAMETERS, EraseConfig, Parameter
 from ..erase_engine.purify import purify
 from ..erase_engine.report import before_after_images, grid_image, loss_plot
-from ..erase_engine.trainer import Erasure, erase_concept
+from ..erase_engine.trainer import Erasure, Progress, erase_concept
 
 CATEGORY = "concept erasing"
 ATTACHMENT = "concept_erasure"  # the ERASURE rides on the erased MODEL too, for Purify Image
@@ -88,11 +88,13 @@ class EraseConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:
         config = EraseConfig.from_form(values)
-        bar = comfy.utils.ProgressBar(config.steps)
+        total = config.sampler_steps + config.steps  # the trajectory cache's sampler steps, then training
+        bar = comfy.utils.ProgressBar(total)
 
-        def progress(step: int, total: int, losses: dict[str, float]) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            bar.update_absolute(step, total)
+        def progress(where: Progress) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel, in either phase
+            done = where.step if where.phase == "sampling" else config.sampler_steps + where.step
+            bar.update_absolute(done, total)
 
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             erasure = erase_concept(ComfyDenoiser(model, clip, vae), config, progress=progress)

@@ -71,7 +71,7 @@ class A1111Host(Host):
         shared.state.sampling_steps = total
 
     def progress(self, step: int, total: int, text: str) -> None:
-        shared.state.sampling_step = step
+        shared.state.sampling_steps, shared.state.sampling_step = total, step
         shared.state.textinfo = f"Concept erasing: {text}"
 
     def interrupted(self) -> bool:

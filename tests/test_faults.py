@@ -66,11 +66,33 @@ def test_a_model_that_gives_nan_is_named_before_any_training(sd1, monkeypatch, w
     else:
         fault_in_the_loop(monkeypatch, float("nan"), at_call=1)
         message = "the model's own samples became NaN or inf"
-    steps = []
+    phases = []
     config = EraseConfig(erase=["a cat"], steps=2, trajectories=1, sampler_steps=2)
     with pytest.raises(ErasureFailed, match=message):
-        erase_concept(host, config, progress=lambda *args: steps.append(args))
-    assert steps == []  # stopped before the first training step
+        erase_concept(host, config, progress=lambda where: phases.append(where.phase))
+    assert "training" not in phases  # stopped before the first training step
+
+
+def test_the_trajectory_cache_shows_progress_and_can_be_stopped(sd1, monkeypatch):
+    """The cache (the longest part on a CPU) reports each sampler step, and a stop asked during
+    it ends the run there: no training step, nothing kept."""
+    from erase_engine import EraseConfig, ErasureCancelled, erase_concept, load_denoiser
+    from erase_engine.denoiser import Denoiser
+
+    host = load_denoiser(sd1)
+    config = EraseConfig(erase=["a cat"], steps=3, trajectories=1, sampler_steps=4)
+    seen = []
+    erase_concept(host, config, progress=lambda where: seen.append((where.phase, where.step, where.total)))
+    assert seen == [("sampling", s, 4) for s in range(1, 5)] + [("training", s, 3) for s in range(1, 4)]
+
+    calls, output = [], Denoiser.output
+    monkeypatch.setattr(
+        Denoiser, "output", lambda self, *a, **k: calls.append(k.get("deltas")) or output(self, *a, **k)
+    )
+    seen.clear()
+    with pytest.raises(ErasureCancelled, match="while sampling the trajectory cache, after 2 of 4"):
+        erase_concept(host, config, lambda where: seen.append(where.step), should_stop=lambda: len(seen) >= 2)
+    assert seen == [1, 2] and len(calls) == 2  # two sampler steps (CFG batched), no student call
 
 
 def test_the_model_in_memory_is_unchanged_after_success_error_cancel_and_out_of_memory(sd1, monkeypatch):

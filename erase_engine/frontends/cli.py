@@ -83,15 +83,23 @@ def default_output(erase: list[str]) -> Path:
     return Path(f"erased-{slug}.safetensors")
 
 
-def progress_bar(total: int):
-    """A tqdm bar on stderr and the trainer's progress callback that feeds it."""
+def progress_bar():
+    """A tqdm bar on stderr and the trainer's progress callback that feeds it: the trajectory
+    cache's sampler steps ("sampling"), then the training steps ("erasing")."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="erasing", unit="step", file=sys.stderr)
+    from ..trainer import Progress
 
-    def progress(step: int, total: int, losses: dict[str, float]) -> None:
-        bar.set_postfix(loss=f"{losses['loss']:.4g}", refresh=False)
-        bar.update(1)
+    bar = tqdm(desc="sampling", unit="step", file=sys.stderr)
+
+    def progress(where: Progress) -> None:
+        phase = "sampling" if where.phase == "sampling" else "erasing"
+        if bar.desc != phase or bar.total != where.total:
+            bar.reset(total=where.total)
+            bar.set_description(phase, refresh=False)
+        if where.losses:
+            bar.set_postfix(loss=f"{where.losses['loss']:.4g}", refresh=False)
+        bar.update(where.step - bar.n)
 
     return bar, progress
 
@@ -129,7 +137,7 @@ def erase_main(argv: list[str]) -> int:
 
     config = config_from_args(args)
     denoiser = load_model(args.model, args.device, args.prediction_type)
-    bar, progress = progress_bar(config.steps)
+    bar, progress = progress_bar()
     with bar:
         erasure = erase_concept(denoiser, config, progress=progress)
     outputs, if_exists = {}, "replace" if args.overwrite else "refuse"

@@ -18,7 +18,7 @@ from ..files import model_file_path
 from ..parameters import PARAMETERS, EraseConfig, Parameter
 from ..purify import purify_picture
 from ..report import before_after_images, grid_image, loss_plot
-from ..trainer import Erasure, ErasureCancelled, erase_concept
+from ..trainer import Erasure, ErasureCancelled, Progress, erase_concept
 
 # The form's fields, in the order the Start button passes them.
 FORM = ["model", "folder", *(spec.name for spec in PARAMETERS), "name", "want_lora", "want_checkpoint"]
@@ -48,7 +48,7 @@ class Host:
         """A job starts (the host's progress bar, its interrupt flag)."""
 
     def progress(self, step: int, total: int, text: str) -> None:
-        """One training step done."""
+        """One step done: of the trajectory cache's sampler, then of training (``total`` changes)."""
 
     def interrupted(self) -> bool:
         """The host's own Interrupt button."""
@@ -86,9 +86,12 @@ class Job:
             self.host.end()
             self.done.set()
 
-    def progress(self, step: int, total: int, losses: dict[str, float]) -> None:
-        self.text = f"step {step}/{total}, loss {losses['loss']:.4g}"
-        self.host.progress(step, total, self.text)
+    def progress(self, where: Progress) -> None:
+        if where.phase == "sampling":
+            self.text = f"sampling the trajectory cache ({where.step}/{where.total})"
+        else:
+            self.text = f"step {where.step}/{where.total}, loss {where.losses['loss']:.4g}"
+        self.host.progress(where.step, where.total, self.text)
 
     def should_stop(self) -> bool:
         return self.stop.is_set() or self.host.interrupted()
