@@ -230,4 +230,3 @@ def _declared(config_field: Field) -> Parameter:
 
 
 PARAMETERS: tuple[Parameter, ...] = tuple(_declared(f) for f in fields(EraseConfig))
-BY_NAME = {spec.name: spec for spec in PARAMETERS}

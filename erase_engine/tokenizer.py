@@ -31,18 +31,24 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in codes]
 
 
+# Packages that ship CLIP's vocabulary: clip-anytorch (OpenAI's ``clip``, a dependency of this
+# package) and open-clip-torch (which A1111 and Forge install).
+VOCAB_PACKAGES = ("clip", "open_clip")
+
+
 def clip_vocab_path() -> Path:
-    """CLIP's BPE merges file, from ``$ERASE_ENGINE_CLIP_VOCAB`` or the open-clip-torch package."""
+    """CLIP's BPE merges file, from ``$ERASE_ENGINE_CLIP_VOCAB`` or a package that ships it."""
     if env := os.environ.get(CLIP_VOCAB_ENV):
         return Path(env)
-    spec = importlib.util.find_spec("open_clip")  # located, not imported (it would import torchvision)
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations))) / VOCAB_FILE
-        if candidate.exists():
-            return candidate
+    for package in VOCAB_PACKAGES:
+        spec = importlib.util.find_spec(package)  # located, not imported (it would import torchvision)
+        if spec is not None and spec.submodule_search_locations:
+            candidate = Path(next(iter(spec.submodule_search_locations))) / VOCAB_FILE
+            if candidate.exists():
+                return candidate
     raise FileNotFoundError(
-        "the CLIP tokenizer vocabulary was not found: `pip install --no-deps open-clip-torch` ships it, "
-        f"or point {CLIP_VOCAB_ENV} at a {VOCAB_FILE}"
+        "the CLIP tokenizer vocabulary was not found: `pip install clip-anytorch` (a dependency of this "
+        f"package) ships it, or point {CLIP_VOCAB_ENV} at a {VOCAB_FILE}"
     )
 
 

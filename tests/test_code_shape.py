@@ -5,6 +5,8 @@ module imports another (what they share lives in ``tests/support``)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from support import ROOT
@@ -103,3 +105,9 @@ def test_no_test_module_imports_another():
                 raise AssertionError(f"{path.name} imports {node.module}: move what they share to tests/support")
             if isinstance(node, ast.Import):
                 assert not {alias.name for alias in node.names} & names, path.name
+
+
+def test_ruff_finds_nothing():
+    """The lint the project keeps (pyproject's [tool.ruff]), as part of the suite."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

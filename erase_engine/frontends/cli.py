@@ -91,12 +91,13 @@ def progress_bar():
     from ..trainer import Progress
 
     bar = tqdm(desc="sampling", unit="step", file=sys.stderr)
+    shown = {"phase": "sampling"}
 
     def progress(where: Progress) -> None:
-        phase = "sampling" if where.phase == "sampling" else "erasing"
-        if bar.desc != phase or bar.total != where.total:
+        if where.phase != shown["phase"] or bar.total != where.total:
+            shown["phase"] = where.phase
             bar.reset(total=where.total)
-            bar.set_description(phase, refresh=False)
+            bar.set_description("sampling" if where.phase == "sampling" else "erasing", refresh=False)
         if where.losses:
             bar.set_postfix(loss=f"{where.losses['loss']:.4g}", refresh=False)
         bar.update(where.step - bar.n)
