@@ -19,7 +19,7 @@ from torch.func import functional_call
 from .architectures import ARCHITECTURES, BaseModelInfo
 from .files import weights_sha256
 from .layers import UNetLayer, is_weight_layer, lora_name
-from .ldm_layout import layers_per_block, unet_diffusers_name
+from .ldm_layout import unet_diffusers_names
 
 if TYPE_CHECKING:
     from .deltas import WeightDeltas
@@ -148,11 +148,6 @@ class Denoiser(ABC):
         """A UNet module's name in the original layout (most hosts use it already)."""
         return module_path
 
-    def diffusers_names(self, ldm_names: list[str]) -> list[str]:
-        """The diffusers module paths of UNet layers named in the original layout."""
-        per_block = layers_per_block(ldm_names)
-        return [unet_diffusers_name(name, per_block) for name in ldm_names]
-
     def unet_layers(self) -> list[UNetLayer]:
         """Every linear and convolution layer of the UNet (judged by its weight's shape: hosts
         build UNets from their own layer classes), with its original-layout name and its key
@@ -160,7 +155,7 @@ class Denoiser(ABC):
         found = [(path, module) for path, module in self.unet.named_modules() if is_weight_layer(module)]
         ldm_names = [self.ldm_name(path) for path, _ in found]
         layout = ARCHITECTURES[self.info.architecture].lora_layout
-        lora_paths = ldm_names if layout == "ldm" else self.diffusers_names(ldm_names)
+        lora_paths = ldm_names if layout == "ldm" else unet_diffusers_names(ldm_names)
         return [
             UNetLayer(ldm, lora_name(lora_path), f"{self.weight_prefix}{path}.weight", module)
             for (path, module), ldm, lora_path in zip(found, ldm_names, lora_paths, strict=True)

@@ -135,6 +135,12 @@ def unet_diffusers_name(name: str, per_block: int) -> str:
     raise KeyError(f"no diffusers name for UNet module {name!r}")
 
 
+def unet_diffusers_names(ldm_names: list[str]) -> list[str]:
+    """The diffusers module paths of a UNet's layers, from their original-layout names."""
+    per_block = layers_per_block(ldm_names)
+    return [unet_diffusers_name(name, per_block) for name in ldm_names]
+
+
 def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], unet_config: Mapping) -> dict[str, torch.Tensor]:
     return {UNET_PREFIX + unet_ldm_name(k, unet_config): v for k, v in state_dict.items()}
 
