@@ -57,12 +57,10 @@ class Parameter:
         return type(self.default)
 
     def to_config(self, value: Any) -> Any:
-        """A form's value as the config holds it."""
+        """A form's value in the config's type (``EraseConfig`` turns ``unset`` into None)."""
         if self.is_list:
             text = str(value)
             return text.splitlines() if self.multiline else [text] if text.strip() else []
-        if self.unset is not None and value is not None and float(value) == self.unset:
-            return None
         return self.kind(value) if value is not None else None
 
     def check(self, value: Any) -> None:
