@@ -14,9 +14,13 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..builtin import BUILTIN_MODEL
 from ..parameters import PARAMETERS, EraseConfig
+
+if TYPE_CHECKING:
+    from ..trainer import Progress
 
 
 def add_parameter_arguments(
@@ -83,26 +87,37 @@ def default_output(erase: list[str]) -> Path:
     return Path(f"erased-{slug}.safetensors")
 
 
-def progress_bar():
-    """A tqdm bar on stderr and the trainer's progress callback that feeds it: the trajectory
-    cache's sampler steps ("sampling"), then the training steps ("erasing")."""
-    from tqdm import tqdm
+class PhaseBars:
+    """tqdm bars on stderr fed by the trainer's progress callback: one for the trajectory cache's
+    sampler steps ("sampling"), then one for the training steps ("erasing"). A bar is closed
+    when its phase ends, so its last state is printed even when tqdm skipped the redraw."""
 
-    from ..trainer import Progress
+    LABELS = {"sampling": "sampling", "training": "erasing"}
 
-    bar = tqdm(desc="sampling", unit="step", file=sys.stderr)
-    shown = {"phase": "sampling"}
+    def __init__(self) -> None:
+        self.bar = None
+        self.phase = None
 
-    def progress(where: Progress) -> None:
-        if where.phase != shown["phase"] or bar.total != where.total:
-            shown["phase"] = where.phase
-            bar.reset(total=where.total)
-            bar.set_description("sampling" if where.phase == "sampling" else "erasing", refresh=False)
+    def __call__(self, where: Progress) -> None:
+        from tqdm import tqdm
+
+        if where.phase != self.phase or self.bar.total != where.total:
+            self.close()
+            self.phase = where.phase
+            self.bar = tqdm(desc=self.LABELS[where.phase], total=where.total, unit="step", file=sys.stderr)
         if where.losses:
-            bar.set_postfix(loss=f"{where.losses['loss']:.4g}", refresh=False)
-        bar.update(where.step - bar.n)
+            self.bar.set_postfix(loss=f"{where.losses['loss']:.4g}", refresh=False)
+        self.bar.update(where.step - self.bar.n)
 
-    return bar, progress
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> PhaseBars:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def erase_parser() -> argparse.ArgumentParser:
@@ -138,8 +153,7 @@ def erase_main(argv: list[str]) -> int:
 
     config = config_from_args(args)
     denoiser = load_model(args.model, args.device, args.prediction_type)
-    bar, progress = progress_bar()
-    with bar:
+    with PhaseBars() as progress:
         erasure = erase_concept(denoiser, config, progress=progress)
     outputs, if_exists = {}, "replace" if args.overwrite else "refuse"
     if args.out is not None:
