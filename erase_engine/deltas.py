@@ -31,6 +31,17 @@ class LoRADelta(nn.Module):
     def forward(self) -> torch.Tensor:
         return (self.up @ self.down * (self.alpha / self.rank)).reshape(self.weight_shape)
 
+    def step_sizes(self, weight: torch.Tensor, relative_step: float) -> list[dict]:
+        """Learning rates at which one step changes ``down`` and ``delta`` by about
+        ``relative_step`` of ``down``'s and the weight's RMS: a step of ``lr`` on every entry of
+        ``up`` moves ``delta`` by about ``lr * alpha / rank * sqrt(rank) * rms(down)``."""
+        down_rms = _rms(self.down)
+        delta_per_up = self.alpha / self.rank * self.rank**0.5 * down_rms
+        return [
+            {"params": [self.down], "lr": relative_step * down_rms},
+            {"params": [self.up], "lr": relative_step * _rms(weight) / delta_per_up},
+        ]
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(down, up, alpha) shaped as kohya stores them."""
         extra = (1,) * (len(self.weight_shape) - 2)
@@ -46,6 +57,14 @@ class FullDelta(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.delta
+
+    def step_sizes(self, weight: torch.Tensor, relative_step: float) -> list[dict]:
+        """The learning rate at which one step changes the weight by ``relative_step`` of its RMS."""
+        return [{"params": [self.delta], "lr": relative_step * _rms(weight)}]
+
+
+def _rms(tensor: torch.Tensor) -> float:
+    return float(tensor.detach().float().pow(2).mean().sqrt().clamp_min(1e-12))
 
 
 class WeightDeltas(nn.Module):
@@ -110,6 +129,18 @@ class WeightDeltas(nn.Module):
         alpha = next(iter(deltas.values())).alpha
         layers_read = {by_name[key].lora_name: by_name[key] for key in modules}
         return cls(layers_read, deltas, rank, alpha).requires_grad_(False)
+
+    def parameter_groups(self, lr: float | None, relative_step: float) -> list[dict]:
+        """The optimizer's parameter groups: one learning rate ``lr`` for all, or (None) each
+        layer's own, at which a step changes its weight by ``relative_step`` of the weight's
+        RMS: the same change on models whose weights differ in scale (docs/method.md, section 8)."""
+        if lr is not None:
+            return [{"params": list(self.parameters()), "lr": lr}]
+        return [
+            group
+            for key, delta in self.by_layer.items()
+            for group in delta.step_sizes(self.layers[key].module.weight, relative_step)
+        ]
 
     @property
     def is_lora(self) -> bool:

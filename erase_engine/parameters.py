@@ -120,15 +120,31 @@ class EraseConfig:
     lora_rank: int | None = parameter(
         "LoRA rank",
         "Rank of the trained LoRA; 0 trains full-rank deltas.",
-        4,
+        16,
         1,
         256,
         unset=0,
         unset_means="full rank",
         slider=True,
     )
-    steps: int = parameter("Steps", "Training steps.", 200, 1, 100_000)
-    lr: float = parameter("Learning rate", "AdamW's learning rate.", 1e-4, 1e-7, 1.0, step=1e-5)
+    steps: int | None = parameter(
+        "Steps",
+        "Training steps; auto trains until the held-out score says the concept is gone (stop_at) or max_steps.",
+        0,
+        1,
+        100_000,
+        unset=0,
+        unset_means="auto",
+    )
+    lr: float | None = parameter(
+        "Learning rate",
+        "AdamW's learning rate; auto sizes each layer's to its weights (the same on every model family).",
+        0.0,
+        1e-7,
+        1.0,
+        unset=0.0,
+        unset_means="auto",
+    )
     seed: int = parameter("Seed", "Same seed and inputs: the same file.", 0, 0, 2**64 - 1)
     eta: float | None = coefficient("eta", "Negative guidance on the erased concept.")
     lambda_u: float | None = coefficient("lambda_u", "Weight of the unconditional-score term.")
@@ -148,6 +164,16 @@ class EraseConfig:
     sampler_cfg: float = parameter(
         "Sampler CFG", "CFG scale of the trajectory sampler.", 3.0, 0.0, 30.0, 0.5, advanced=True, slider=True
     )
+    stop_at: float = parameter(
+        "Stop at remaining",
+        "Auto steps stop once the erased prompt's held-out remaining score is at most this (1: untouched, 0: erased).",
+        0.3,
+        0.01,
+        1.0,
+        0.01,
+        advanced=True,
+    )
+    max_steps: int = parameter("Max steps", "The most steps auto may take.", 400, 1, 100_000, advanced=True)
     resolution: int | None = parameter(
         "Resolution",
         "Image size in pixels the erasure trains at.",

@@ -1,17 +1,24 @@
-"""The ``--report`` folder: a before/after grid (same seeds), a loss curve and a JSON summary."""
+"""The ``--report`` folder: a before/after grid (same seeds), the training curves and a JSON summary."""
 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
 from .sampling import generate
 from .trainer import Erasure
 
-LABEL_WIDTH = 160
+TILE = 128  # the smallest on-screen size of a sample in the grid, in pixels
+LABEL_WIDTH = 200
+HEADER = 28
+SMOOTHING = 0.9  # the loss curve's exponential moving average
 
 
 def before_after_images(
@@ -32,45 +39,81 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
 
 
-def grid_image(prompts: list[str], before: torch.Tensor, after: torch.Tensor) -> Image.Image:
-    """One row pair per prompt: 'original' above 'erased', a column per seed."""
-    size = max(before.shape[-1], 64)
-    seeds = before.shape[1]
-    grid = Image.new("RGB", (LABEL_WIDTH + seeds * size, 2 * len(prompts) * size), "white")
-    draw = ImageDraw.Draw(grid)
+def figure_image(figure: Figure) -> Image.Image:
+    """A matplotlib figure rendered (Agg, no global pyplot state) as an RGB PIL image."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+def grid_image(
+    prompts: list[str], before: torch.Tensor, after: torch.Tensor, seeds: list[int] | None = None
+) -> Image.Image:
+    """One row pair per prompt, 'original' above 'erased', a column per seed; small samples are
+    scaled up by a whole factor without smoothing, and each row's prompt is written out whole."""
+    rows, columns = 2 * len(prompts), before.shape[1]
+    scale = max(1, -(-TILE // before.shape[-1]))
+    tile_h, tile_w = before.shape[-2] * scale, before.shape[-1] * scale
+    width, height = LABEL_WIDTH + columns * tile_w, HEADER + rows * tile_h
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
+    for c in range(columns):
+        label = f"seed {seeds[c]}" if seeds else f"sample {c + 1}"
+        figure.text(
+            (LABEL_WIDTH + (c + 0.5) * tile_w) / width, 1 - HEADER / 2 / height, label, ha="center", va="center"
+        )
     for p, prompt in enumerate(prompts):
-        for row, (label, images) in enumerate((("original", before), ("erased", after))):
-            top = (2 * p + row) * size
-            draw.text((4, top + 4), f"{prompt[:22]}\n{label}", fill="black")
-            for s in range(seeds):
-                tile = to_pil(images[p, s]).resize((size, size), Image.NEAREST)
-                grid.paste(tile, (LABEL_WIDTH + s * size, top))
-    return grid
+        for r, (label, images) in enumerate((("original", before), ("erased", after))):
+            top = HEADER + (2 * p + r) * tile_h
+            text = (textwrap.fill(prompt or "(empty prompt)", 24) + "\n") if r == 0 else ""
+            figure.text(
+                8 / width, 1 - (top + tile_h / 2) / height, f"{text}{label}", va="center", fontsize=10,
+                fontweight="bold" if r else "normal",
+            )  # fmt: skip
+            for c in range(columns):
+                box = ((LABEL_WIDTH + c * tile_w) / width, 1 - (top + tile_h) / height, tile_w / width, tile_h / height)
+                axes = figure.add_axes(box)
+                axes.imshow(images[p, c].permute(1, 2, 0).clamp(0, 1).float().numpy(), interpolation="nearest")
+                axes.set_axis_off()
+    return figure_image(figure)
 
 
-def loss_plot(losses: list[dict[str, float]], width: int = 640, height: int = 360) -> Image.Image:
-    """Total and erase loss per step, linear axes."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 60, 20, width - 20, height - 40
-    draw.rectangle((left, top, right, bottom), outline="black")
-    series = {"loss": "black", "erase": "red", "uncond": "blue", "preserve": "green"}
-    values = [v for row in losses for k, v in row.items() if k in series]
-    high = max(values, default=1.0) or 1.0
-    steps = max(len(losses) - 1, 1)
-    for name, color in series.items():
-        points = [
-            (left + (right - left) * i / steps, bottom - (bottom - top) * row[name] / high)
-            for i, row in enumerate(losses)
-            if name in row
-        ]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-            draw.text((right - 70, top + 5 + 12 * list(series).index(name)), name, fill=color)
-    draw.text((4, top), f"{high:.3g}", fill="black")
-    draw.text((4, bottom - 10), "0", fill="black")
-    draw.text(((left + right) // 2 - 20, bottom + 10), f"step (1-{len(losses)})", fill="black")
-    return image
+def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """An exponential moving average, debiased at the start (as TensorBoard draws it)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def training_plot(erasure: Erasure) -> Image.Image:
+    """Two panels against training steps: the loss (each step, faint, and smoothed) and the
+    held-out score (remaining, the drifts, and the threshold auto steps stop at)."""
+    figure = Figure(figsize=(9, 3.6), dpi=100, facecolor="white", layout="constrained")
+    loss_axes, score_axes = figure.subplots(1, 2)
+    steps = list(range(1, len(erasure.losses) + 1))
+    for name, color in (("loss", "black"), ("erase", "tab:red"), ("uncond", "tab:blue"), ("preserve", "tab:green")):
+        values = [row[name] for row in erasure.losses if name in row]
+        if len(values) == len(steps) and values:
+            loss_axes.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
+            loss_axes.plot(steps, smoothed(values), color=color, linewidth=1.6, label=name)
+    loss_axes.set(xlabel="training step", ylabel="loss (smoothed)", yscale="log", title="Training loss")
+    loss_axes.legend(fontsize=8)
+    loss_axes.grid(alpha=0.3)
+    at = [step for step, _ in erasure.scores]
+    score_axes.plot(
+        at, [s.remaining for _, s in erasure.scores], "o-", color="tab:red", label="remaining", markersize=3
+    )
+    score_axes.plot(at, [s.uncond_drift for _, s in erasure.scores], color="tab:blue", label="uncond drift")
+    if erasure.score.preserve_drift:
+        worst = [s.worst_preserve_drift for _, s in erasure.scores]
+        score_axes.plot(at, worst, color="tab:green", label="preserve drift (worst)")
+    if erasure.config.steps is None:
+        score_axes.axhline(erasure.config.stop_at, color="gray", linestyle="--", linewidth=1, label="auto stops below")
+    score_axes.set(xlabel="training step", ylabel="held-out score", ylim=(0, 1.05), title="Erasure score")
+    score_axes.legend(fontsize=8)
+    score_axes.grid(alpha=0.3)
+    return figure_image(figure)
 
 
 def write_report(
@@ -79,14 +122,14 @@ def write_report(
     seeds: list[int] | None = None,
     outputs: dict[str, str] | None = None,
 ) -> Path:
-    """grid.png, loss.png and summary.json in ``folder`` (created if missing)."""
+    """grid.png, training.png and summary.json in ``folder`` (created if missing)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     seeds = seeds or [erasure.config.seed + i for i in range(4)]
     prompts = list(dict.fromkeys(erasure.config.erase + erasure.config.preserve))
     before, after = before_after_images(erasure, prompts, seeds)
-    grid_image(prompts, before, after).save(folder / "grid.png")
-    loss_plot(erasure.losses).save(folder / "loss.png")
+    grid_image(prompts, before, after, seeds).save(folder / "grid.png")
+    training_plot(erasure).save(folder / "training.png")
     drift = (after - before).abs().mean(dim=(1, 2, 3, 4))
     summary = {
         "base_model": erasure.denoiser.info.name,
@@ -94,6 +137,10 @@ def write_report(
         "config": erasure.config.as_dict(),
         "objective": vars(erasure.objective),
         "seconds": erasure.seconds,
+        "steps_run": erasure.scores[-1][0],
+        "stopped": erasure.stopped,
+        "score": erasure.score.as_dict(),
+        "scores": [{"step": step, **score.as_dict()} for step, score in erasure.scores],
         "first_losses": erasure.losses[0],
         "final_losses": erasure.losses[-1],
         "pixel_change": {p: float(d) for p, d in zip(prompts, drift, strict=True)},

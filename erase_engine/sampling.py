@@ -187,3 +187,25 @@ class TrajectoryCache:
         k = int(torch.randint(latents.shape[0], (1,), generator=generator))
         s = int(torch.randint(latents.shape[1], (1,), generator=generator))
         return latents[k, s : s + 1], self.timesteps[s : s + 1].to(latents.device), self.outputs[prompt][k, s]
+
+    def split(self, held_out: int) -> tuple[TrajectoryCache, TrajectoryCache]:
+        """The first trajectories of every prompt, and the last ``held_out`` of them."""
+
+        def part(chosen: slice) -> TrajectoryCache:
+            return TrajectoryCache(
+                {p: x[chosen] for p, x in self.latents.items()},
+                {p: out[chosen] for p, out in self.outputs.items()},
+                self.timesteps,
+            )
+
+        return part(slice(None, -held_out)), part(slice(-held_out, None))
+
+    def states(self, prompt: str, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every trajectory's states at ``levels`` steps spread evenly from the first to the
+        last: ``x_t`` [N, ...], ``t`` [N] and the frozen model's outputs there [N, 2, ...]."""
+        latents, outputs = self.latents[prompt], self.outputs[prompt]
+        trajectories, steps = latents.shape[:2]
+        chosen = torch.linspace(0, steps - 1, min(levels, steps)).round().long().unique()
+        x = latents[:, chosen].flatten(0, 1)
+        t = self.timesteps[chosen].repeat(trajectories).to(x.device)
+        return x, t, outputs[:, chosen].flatten(0, 1)

@@ -15,10 +15,15 @@ from .denoiser import Conditioning, Denoiser
 from .objective import Objective, erase_target, surgery_loss
 from .parameters import EraseConfig
 from .sampling import TrajectoryCache
+from .score import HELD_OUT_TRAJECTORIES, Score, ScoreProbe
 
 OUT_OF_MEMORY_HINT = (
     "try fewer trajectories, a smaller resolution, LoRA mode (a small rank) or fewer trainable layers (xattn)"
 )
+# With the automatic learning rate, each step changes every trained weight by about this
+# fraction of its RMS (docs/method.md, section 8; chosen on the built-in benchmark).
+RELATIVE_STEP = 1e-2
+CHECK_EVERY = 20  # training steps between two held-out scores
 BROKEN_MODEL_HINT = "the model file is damaged, or it runs in a precision too low for it (try full precision)"
 
 
@@ -39,7 +44,13 @@ class Erasure:
     config: EraseConfig
     objective: Objective
     losses: list[dict[str, float]]
+    scores: list[tuple[int, Score]]  # (steps done, held-out score), from step 0
+    stopped: str  # why training ended
     seconds: dict[str, float]
+
+    @property
+    def score(self) -> Score:
+        return self.scores[-1][1]
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class Progress:
     step: int  # steps done in this phase
     total: int  # steps in this phase
     losses: dict[str, float]  # the last training step's ({} while sampling)
+    score: Score | None = None  # the last held-out score (None while sampling)
 
 
 ProgressFn = Callable[[Progress], None]
@@ -102,9 +114,9 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         if should_stop is not None and should_stop():
             raise ErasureCancelled(f"stopped while {phase}, after {step} of {total} steps")
 
-    def report(phase: str, step: int, total: int, losses: dict[str, float]) -> None:
+    def report(phase: str, step: int, total: int, losses: dict[str, float], score: Score | None = None) -> None:
         if progress is not None:
-            progress(Progress(phase, step, total, losses))
+            progress(Progress(phase, step, total, losses, score))
 
     def sampler_step(done: int, total: int) -> None:
         report("sampling", done, total, {})
@@ -112,8 +124,10 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
 
     cond = encode_prompts(denoiser, config)
     use_preserve = bool(config.preserve) and objective.lambda_p > 0
+    preserve = config.preserve if use_preserve else []
     stop_if_asked("sampling the trajectory cache", 0, config.sampler_steps)
-    cache = sample_cache(denoiser, config, use_preserve, generator, sampler_step)
+    cache, held_out = sample_cache(denoiser, config, preserve, generator, sampler_step)
+    probe = ScoreProbe(denoiser, objective, held_out, config.pairs(), preserve, cond)
     sampled = time.perf_counter()
 
     # The deltas and their optimizer (the host's weights stay frozen and untouched).
@@ -121,12 +135,13 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         torch.manual_seed(config.seed)
         deltas = WeightDeltas.create(denoiser.unet_layers(), config.train, config.lora_rank, config.lora_alpha)
     deltas.to(denoiser.device)
-    optimizer = torch.optim.AdamW(deltas.parameters(), lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(deltas.parameter_groups(config.lr, RELATIVE_STEP), weight_decay=0.0)
 
-    losses = []
-    for step in range(config.steps):
-        stop_if_asked("training", step, config.steps)
-        draw = draw_states(cache, config, use_preserve, pick, generator)
+    most = config.steps or config.max_steps
+    losses, scores = [], [(0, probe.score(deltas))]
+    for step in range(most):
+        stop_if_asked("training", step, most)
+        draw = draw_states(cache, config, preserve, pick, generator)
         target = teacher_target(denoiser, objective, draw, cond)
         student = student_outputs(denoiser, deltas, objective, draw, cond)
         terms = surgery_loss(
@@ -146,12 +161,26 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         optimizer.step()
-        report("training", step + 1, config.steps, losses[-1])
+        done = step + 1
+        if done % CHECK_EVERY == 0 or done == most:
+            scores.append((done, probe.score(deltas)))
+        report("training", done, most, losses[-1], scores[-1][1])
+        if config.steps is None and scores[-1][0] == done and scores[-1][1].remaining <= config.stop_at:
+            break  # auto: the held-out score says the concept is gone
 
     finished = time.perf_counter()
     deltas.requires_grad_(False)
     seconds = {"sampling": sampled - started, "training": finished - sampled, "total": finished - started}
-    return Erasure(deltas, denoiser, config, objective, losses, seconds)
+    return Erasure(deltas, denoiser, config, objective, losses, scores, why_stopped(config, scores[-1][1]), seconds)
+
+
+def why_stopped(config: EraseConfig, score: Score) -> str:
+    if config.steps is not None:
+        return f"ran the {config.steps} steps asked for"
+    if score.remaining <= config.stop_at:
+        return f"auto: the held-out score reached remaining {score.remaining:.2f} <= stop_at {config.stop_at:g}"
+    left = f"remaining {score.remaining:.2f} > stop_at {config.stop_at:g}"
+    return f"auto: stopped at max_steps {config.max_steps} with {left}"
 
 
 def encode_prompts(denoiser: Denoiser, config: EraseConfig) -> dict[str, Conditioning]:
@@ -170,15 +199,16 @@ def encode_prompts(denoiser: Denoiser, config: EraseConfig) -> dict[str, Conditi
 def sample_cache(
     denoiser: Denoiser,
     config: EraseConfig,
-    use_preserve: bool,
+    preserve: list[str],
     generator: torch.Generator,
     on_step: Callable[[int, int], None] | None = None,
-) -> TrajectoryCache:
-    """The trajectory cache: the frozen model samples x_t once, for the erased (and preserve) prompts."""
+) -> tuple[TrajectoryCache, TrajectoryCache]:
+    """The trajectory cache: the frozen model samples x_t once, for the erased and preserve
+    prompts; the last trajectories of each prompt are held out of training, for the score."""
     cache = TrajectoryCache.sample(
         denoiser,
-        list(dict.fromkeys(config.erase)) + (config.preserve if use_preserve else []),
-        config.trajectories,
+        list(dict.fromkeys(config.erase)) + preserve,
+        config.trajectories + HELD_OUT_TRAJECTORIES,
         config.sampler_steps,
         config.sampler_cfg,
         denoiser.latent_shape(config.resolution),
@@ -187,16 +217,15 @@ def sample_cache(
     )
     if not all(x.isfinite().all() for x in (*cache.latents.values(), *cache.outputs.values())):
         raise ErasureFailed(f"the model's own samples became NaN or inf: {BROKEN_MODEL_HINT}")
-    return cache
+    return cache.split(HELD_OUT_TRAJECTORIES)
 
 
 def draw_states(
-    cache: TrajectoryCache, config: EraseConfig, use_preserve: bool, pick: random.Random, generator: torch.Generator
+    cache: TrajectoryCache, config: EraseConfig, preserve: list[str], pick: random.Random, generator: torch.Generator
 ) -> Draw:
     """A random (erase, alternative) pair at a random cached state, and each preserve prompt at one of its own."""
     erase, into = pick.choice(config.pairs())
     x, t, outputs = cache.draw(erase, generator)
-    preserve = config.preserve if use_preserve else []
     draws = [cache.draw(p, generator) for p in preserve]
     return Draw(
         erase,

@@ -16,7 +16,7 @@ from ..erase_engine.files import model_file_path
 from ..erase_engine.hosts.comfyui import ComfyDenoiser
 from ..erase_engine.parameters import PARAMETERS, EraseConfig, Parameter
 from ..erase_engine.purify import purify
-from ..erase_engine.report import before_after_images, grid_image, loss_plot
+from ..erase_engine.report import before_after_images, grid_image, training_plot
 from ..erase_engine.trainer import Erasure, Progress, erase_concept
 
 CATEGORY = "concept erasing"
@@ -69,6 +69,7 @@ class EraseConcept(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the preview (without it, a rough latent preview)."),
                 *(parameter_input(spec) for spec in PARAMETERS),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.Model.Output(
                     display_name="erased_model",
@@ -88,13 +89,24 @@ class EraseConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:
         config = EraseConfig.from_form(values)
-        total = config.sampler_steps + config.steps  # the trajectory cache's sampler steps, then training
+        most = config.steps or config.max_steps  # auto may stop before its maximum
+        total = config.sampler_steps + most  # the trajectory cache's sampler steps, then training
         bar = comfy.utils.ProgressBar(total)
+        shown = {}
+
+        def show_text(text: str) -> None:  # under the node, as ComfyUI's own nodes write theirs
+            if cls.hidden.unique_id is not None:
+                from server import PromptServer
+
+                PromptServer.instance.send_progress_text(text, cls.hidden.unique_id)
 
         def progress(where: Progress) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel, in either phase
             done = where.step if where.phase == "sampling" else config.sampler_steps + where.step
             bar.update_absolute(done, total)
+            if where.score is not None and where.score is not shown.get("score"):  # a new held-out score
+                shown["score"] = where.score
+                show_text(f"step {where.step}/{most}: remaining {where.score.remaining:.2f}")
 
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             erasure = erase_concept(ComfyDenoiser(model, clip, vae), config, progress=progress)
@@ -103,8 +115,9 @@ class EraseConcept(io.ComfyNode):
             before, after = before_after_images(erasure, prompts, seeds, steps=config.sampler_steps)
         erased_model, _ = comfy.sd.load_lora_for_models(model, None, comfy_patches(erasure), 1.0, 0)
         erased_model.set_attachments(ATTACHMENT, erasure)
-        preview = image_batch(grid_image(prompts, before, after))
-        curve = ui.PreviewImage(image_batch(loss_plot(erasure.losses)), cls=cls)  # as ComfyUI's training nodes do
+        show_text(f"{erasure.scores[-1][0]} steps ({erasure.stopped})\nheld-out score: {erasure.score.summary()}")
+        preview = image_batch(grid_image(prompts, before, after, seeds))
+        curve = ui.PreviewImage(image_batch(training_plot(erasure)), cls=cls)  # as ComfyUI's training nodes do
         return io.NodeOutput(erased_model, erasure, preview, ui=curve)
 
 

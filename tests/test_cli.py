@@ -32,15 +32,23 @@ def test_cli_writes_lora_checkpoint_and_report(tiny_model_dirs, tmp_path):
     with safe_open(str(out), "pt") as f:
         assert any(k.endswith(".lora_up.weight") for k in f.keys())
         assert json.loads(f.metadata()["erasure.preserve"]) == ["a car", "a tree"]
+        lora_score = json.loads(f.metadata()["erasure.score"])
+        assert f.metadata()["erasure.steps_run"] == "2"
     assert load_denoiser(ckpt).info.architecture == "sd1"
     summary = json.loads((report / "summary.json").read_text())
+    assert summary["score"] == lora_score and set(lora_score["preserve_drift_by_prompt"]) == {"a car", "a tree"}
     assert summary["config"]["erase"] == ["a cat"] and len(summary["final_losses"]) > 0
     assert set(summary["pixel_change"]) == {"a cat", "a car", "a tree"}
     from PIL import Image
 
+    assert summary["steps_run"] == 2 and set(summary["score"]) >= {"remaining", "uncond_drift", "preserve_drift"}
+    assert [s["step"] for s in summary["scores"]] == [0, 2]
     grid = Image.open(report / "grid.png")
-    assert grid.height == 2 * 3 * 64  # original and erased rows for three prompts
-    assert Image.open(report / "loss.png").size == (640, 360)
+    side = load_denoiser(tiny_model_dirs["sd1"]).info.resolution
+    tile = side * -(-128 // side)  # samples scaled up by a whole factor to at least 128 px
+    assert grid.height == 28 + 2 * 3 * tile  # a header, then original and erased rows for three prompts
+    assert Image.open(report / "training.png").size == (900, 360)
+    assert "held-out score: remaining" in result.stdout
 
 
 def test_same_seed_gives_the_same_file(tiny_model_dirs, tmp_path):

@@ -10,17 +10,18 @@ from erase_engine.objective import make_objective
 from erase_engine.sampling import TrajectoryCache
 
 
-def record_student_calls(denoiser):
-    """Wrap ``denoiser.output`` to keep the inputs of every call made with deltas (the student's)."""
-    calls, output = [], denoiser.output
+def record_draws(monkeypatch) -> list:
+    """Keep every state the training loop draws (its ``Draw``), by wrapping ``draw_states``."""
+    from erase_engine import trainer
 
-    def recording(x_t, t, cond, deltas=None):
-        if deltas is not None:
-            calls.append((x_t.clone(), t.clone()))
-        return output(x_t, t, cond, deltas)
+    draws, draw_states = [], trainer.draw_states
 
-    denoiser.output = recording
-    return calls
+    def recording(*args):
+        draws.append(draw_states(*args))
+        return draws[-1]
+
+    monkeypatch.setattr(trainer, "draw_states", recording)
+    return draws
 
 
 def raw_unet(denoiser, x, t, prompt):
@@ -31,16 +32,16 @@ def raw_unet(denoiser, x, t, prompt):
 
 
 @pytest.mark.parametrize("method, into", [("esd", ""), ("surgical", ""), ("surgical", "a dog")])
-def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, into):
+def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, into, monkeypatch):
     from erase_engine import load_denoiser
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
-    calls = record_student_calls(denoiser)
+    draws = record_draws(monkeypatch)
     config = EraseConfig(
         erase=["a cat"], into=[into] if into else [], method=method, steps=1, trajectories=2, sampler_steps=4
     )
     erasure = erase_concept(denoiser, config)
-    x_t, t = calls[-1][0][:1], calls[-1][1][:1]  # the state the training step drew (the student's first row)
+    x_t, t = draws[0].x, draws[0].t  # the state the training step drew
 
     e_uncond, e_cat = raw_unet(denoiser, x_t, t, ""), raw_unet(denoiser, x_t, t, "a cat")
     eta = make_objective(method).eta

@@ -30,7 +30,8 @@ def test_form_defaults_make_the_configs_defaults():
 
 @pytest.mark.parametrize(
     "name, form_value, config_value",
-    [("lora_rank", 0, None), ("resolution", 0, None), ("eta", -1.0, None), ("lora_alpha", 0.0, None),
+    [("lora_rank", 0, None), ("resolution", 0, None), ("steps", 0, None), ("lr", 0.0, None),
+     ("eta", -1.0, None), ("lora_alpha", 0.0, None),
      ("lora_rank", 8.0, 8), ("preserve", "a dog\n\n a car ", ["a dog", "a car"]), ("into", "  ", [])],
 )  # fmt: skip
 def test_a_forms_unset_values_leave_the_setting_to_the_engine(name, form_value, config_value):
@@ -61,16 +62,20 @@ def test_the_cli_shows_the_tables_defaults_ranges_and_choices():
         if spec.choices:
             assert tuple(action.choices) == spec.choices, spec.name
         elif spec.kind is not str:
-            assert action.type is spec.kind, spec.name
+            assert type(action.type("3")) is spec.kind, spec.name
             assert f"{spec.minimum:g} to {spec.maximum:g}" in action.help, spec.name
+            if spec.unset_means == "auto":  # the word auto stands for the unset value
+                assert action.type("auto") == spec.unset and "default auto" in action.help, spec.name
     assert actions["erase"].required
 
 
 def test_the_cli_parses_into_the_config_a_form_gives():
     from erase_engine.frontends.cli import config_from_args
 
-    args = erase_parser().parse_args(["--erase", "a cat", "--into", "a dog", "--full-rank", "--eta", "-1"])
-    form = {"erase": "a cat", "into": "a dog", "lora_rank": 0, "eta": -1.0}
+    args = erase_parser().parse_args(
+        ["--erase", "a cat", "--into", "a dog", "--full-rank", "--eta", "-1", "--steps", "auto", "--lr", "2e-4"]
+    )
+    form = {"erase": "a cat", "into": "a dog", "lora_rank": 0, "eta": -1.0, "steps": 0, "lr": 2e-4}
     assert config_from_args(args) == EraseConfig.from_form(form)
 
 

@@ -25,8 +25,6 @@ from ..trainer import Erasure, erase_concept
 
 SAMPLE_STEPS = 25
 SAMPLE_CFG = 5.0
-DEFAULT_STEPS = 300  # the bench's defaults, tuned on the star and measured on every concept
-DEFAULT_LR = 3e-3
 
 
 @dataclass(frozen=True)
@@ -174,13 +172,15 @@ def run_bench(
     metrics, images = judge_erasure(judge, erasure, concept, into, samples, seed=10_000 + config.seed)
     result = {
         "method": config.method,
-        "steps": config.steps,
+        "steps": erasure.scores[-1][0],
+        "stopped": erasure.stopped,
         "erase": config.erase[0],
         "into": config.into[0] if config.into else None,
         "preserve": config.preserve,
         "train": config.train,
-        "lr": config.lr,
+        "lr": config.lr or "auto",
         "seconds": round(seconds, 1),
+        **{f"score_{k}": v for k, v in erasure.score.as_dict().items() if k != "preserve_drift_by_prompt"},
         **metrics,
     }
     return result, images
@@ -195,6 +195,8 @@ def bench_grid(images: dict[str, torch.Tensor], columns: int = 8):
 
 
 TABLE_KEYS = (
+    "steps",
+    "score_remaining",
     "erase_acc_before",
     "erase_acc_after",
     "into_acc_after",

@@ -34,6 +34,9 @@ ERASURE_STEPS = 200  # a default erasure, for the per-erasure figures
 PROMPTS = {"tiny": "star", "sd15": "Van Gogh", "sdxl": "Van Gogh"}
 
 
+ESD_LR = 1e-5  # ESD's own learning rate (the timing does not depend on it)
+
+
 def build_model(shape: str, device: str, dtype: torch.dtype) -> Denoiser:
     """``tiny``: the built-in demo model; ``sd15``/``sdxl``: full-size models with random weights."""
     if shape == "tiny":
@@ -54,7 +57,7 @@ def esd_style_seconds_per_step(denoiser: Denoiser, config: EraseConfig, steps: i
     trained = [layer.module.weight for layer in student.unet_layers() if is_trainable(layer.ldm_name, config.train)]
     for weight in trained:
         weight.requires_grad_(True)
-    optimizer = torch.optim.Adam(trained, lr=config.lr)
+    optimizer = torch.optim.Adam(trained, lr=config.lr or ESD_LR)
     cond = denoiser.encode(["", config.erase[0]]).detached().to(denoiser.device)
     uncond, erase = cond[0], cond[1]
     shape = denoiser.latent_shape(config.resolution)

@@ -17,22 +17,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..builtin import BUILTIN_MODEL
-from ..parameters import PARAMETERS, EraseConfig
+from ..parameters import PARAMETERS, EraseConfig, Parameter
 
 if TYPE_CHECKING:
     from ..trainer import Progress
 
 
-def add_parameter_arguments(
-    parser: argparse.ArgumentParser, defaults: dict | None = None, erase_required: bool = True
-) -> None:
-    """One flag per erasure parameter (``--lambda-u`` for ``lambda_u``), from the parameter table;
-    ``defaults`` replaces some of the table's (the benchmark's)."""
-    defaults = defaults or {}
+def add_parameter_arguments(parser: argparse.ArgumentParser, erase_required: bool = True) -> None:
+    """One flag per erasure parameter (``--lambda-u`` for ``lambda_u``), from the parameter table."""
     advanced = parser.add_argument_group("advanced")
     for spec in PARAMETERS:
         group = advanced if spec.advanced else parser
-        flag, default = "--" + spec.name.replace("_", "-"), defaults.get(spec.name, spec.default)
+        flag, default = "--" + spec.name.replace("_", "-"), spec.default
         if spec.is_list and spec.multiline:  # several prompts after one flag
             group.add_argument(flag, nargs="+", action="extend", default=[], metavar="TEXT", help=spec.help)
         elif spec.is_list:  # the flag repeats
@@ -41,16 +37,30 @@ def add_parameter_arguments(
         elif spec.choices:
             group.add_argument(flag, choices=spec.choices, default=default, help=f"{spec.help} (default {default})")
         else:
-            unset = f"; {spec.unset:g}: {spec.unset_means}" if spec.unset is not None else ""
-            ranged = f"{spec.minimum:g} to {spec.maximum:g}{unset}"
-            flag_help = f"{spec.help} (default {default:g}; {ranged})"
+            automatic = spec.unset_means == "auto"
+            unset = f"; {spec.unset:g}: {spec.unset_means}" if spec.unset is not None and not automatic else ""
+            ranged = f"{spec.minimum:g} to {spec.maximum:g}{unset}" + (" or auto" if automatic else "")
+            shown = "auto" if automatic and default == spec.unset else f"{default:g}"
+            flag_help = f"{spec.help} (default {shown}; {ranged})"
             if spec.name == "lora_rank":  # also a switch, the way the CLI always had it
                 rank = group.add_mutually_exclusive_group()
                 rank.add_argument(flag, type=int, default=default, metavar="N", help=flag_help)
                 rank.add_argument("--full-rank", dest=spec.name, action="store_const", const=0, help="--lora-rank 0")
             else:
-                group.add_argument(flag, type=spec.kind, default=default, help=flag_help)
+                group.add_argument(flag, type=cli_type(spec), default=default, help=flag_help)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def cli_type(spec: Parameter):
+    """The flag's type: the value's, and the word "auto" where the unset value means auto."""
+    if spec.unset_means != "auto":
+        return spec.kind
+
+    def value(text: str):
+        return spec.unset if text == "auto" else spec.kind(text)
+
+    value.__name__ = f"{spec.kind.__name__} or 'auto'"  # argparse's error message names it
+    return value
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> EraseConfig:
@@ -106,7 +116,10 @@ class PhaseBars:
             self.phase = where.phase
             self.bar = tqdm(desc=self.LABELS[where.phase], total=where.total, unit="step", file=sys.stderr)
         if where.losses:
-            self.bar.set_postfix(loss=f"{where.losses['loss']:.4g}", refresh=False)
+            shown = {"loss": f"{where.losses['loss']:.4g}"}
+            if where.score is not None:
+                shown["remaining"] = f"{where.score.remaining:.2f}"
+            self.bar.set_postfix(shown, refresh=False)
         self.bar.update(where.step - self.bar.n)
 
     def close(self) -> None:
@@ -162,6 +175,7 @@ def erase_main(argv: list[str]) -> int:
         outputs["checkpoint"] = str(save_checkpoint(erasure, args.save_checkpoint, if_exists))
     if args.report is not None:
         outputs["report"] = str(write_report(args.report, erasure, outputs=dict(outputs)))
+    print(f"{erasure.scores[-1][0]} steps ({erasure.stopped}); held-out score: {erasure.score.summary()}")
     for kind, path in outputs.items():
         print(f"{kind}: {path}")
     return 0
@@ -180,7 +194,7 @@ def bench_main(argv: list[str]) -> int:
     from ..benchmarks import efficacy as bench
 
     parser = argparse.ArgumentParser(prog="erase-concept bench", description=bench.__doc__)
-    add_parameter_arguments(parser, {"steps": bench.DEFAULT_STEPS, "lr": bench.DEFAULT_LR}, erase_required=False)
+    add_parameter_arguments(parser, erase_required=False)
     parser.add_argument("--compare", action="store_true", help="run surgical and esd side by side")
     # without --preserve, the other shapes (or colors) are preserved
     parser.add_argument("--samples", type=int, default=72, help="samples per prompt group (>= 64)")

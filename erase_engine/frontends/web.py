@@ -17,7 +17,7 @@ from ..exports import save_checkpoint, save_lora
 from ..files import model_file_path
 from ..parameters import PARAMETERS, EraseConfig, Parameter
 from ..purify import purify_picture
-from ..report import before_after_images, grid_image, loss_plot
+from ..report import before_after_images, grid_image, training_plot
 from ..trainer import Erasure, ErasureCancelled, Progress, erase_concept
 
 # The form's fields, in the order the Start button passes them.
@@ -32,7 +32,6 @@ class Host:
     chooses_model = True  # show model and folder fields (the standalone app)
     default_model = BUILTIN_MODEL
     default_folder = "."
-    defaults: dict = {}  # form defaults that differ from the parameter table's
 
     def denoiser(self, model: str) -> Denoiser:
         raise NotImplementedError
@@ -75,7 +74,7 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
-        self.host.begin(self.config.steps)
+        self.host.begin(self.config.steps or self.config.max_steps)
         try:
             self.erasure = erase_concept(self.denoiser, self.config, self.progress, self.should_stop)
         except ErasureCancelled as cancelled:
@@ -91,6 +90,8 @@ class Job:
             self.text = f"sampling the trajectory cache ({where.step}/{where.total})"
         else:
             self.text = f"step {where.step}/{where.total}, loss {where.losses['loss']:.4g}"
+            if where.score is not None:
+                self.text += f", remaining {where.score.remaining:.2f}"
         self.host.progress(where.step, where.total, self.text)
 
     def should_stop(self) -> bool:
@@ -131,7 +132,7 @@ class Session:
         if job.error is not None:
             yield f"**{job.error}**", None, None, None
             return
-        plot = loss_plot(job.erasure.losses)
+        plot = training_plot(job.erasure)
         yield "Saving and drawing the before/after grid...", None, plot, None
         try:
             written = self.write(job, outputs)
@@ -140,11 +141,18 @@ class Session:
             return
         self.last = job.erasure
         prompts = list(dict.fromkeys(config.erase + config.preserve[:3]))
-        before, after = before_after_images(job.erasure, prompts, [config.seed, config.seed + 1])
+        seeds = [config.seed, config.seed + 1]
+        before, after = before_after_images(job.erasure, prompts, seeds)
         summary = ", ".join(f"{kind} `{path}`" for kind, path in written.items()) or "nothing saved"
         files = [str(p) for p in written.values()] or None
-        seconds = job.erasure.seconds["total"]
-        yield f"Done in {seconds:.0f} s: {summary}.", grid_image(prompts, before, after), plot, files
+        erasure = job.erasure
+        done = f"Done in {erasure.seconds['total']:.0f} s, {erasure.scores[-1][0]} steps ({erasure.stopped})"
+        yield (
+            f"{done}; held-out score: {erasure.score.summary()}. Saved: {summary}.",
+            grid_image(prompts, before, after, seeds),
+            plot,
+            files,
+        )
 
     def write(self, job: Job, outputs: dict[str, Path]) -> dict[str, Path]:
         written = {}
@@ -206,11 +214,11 @@ def build_ui(host: Host):
                 )
                 for spec in PARAMETERS:
                     if not spec.advanced:
-                        form[spec.name] = form_field(gr, spec, host.defaults.get(spec.name, spec.default))
+                        form[spec.name] = form_field(gr, spec, spec.default)
                 with gr.Accordion("Advanced", open=False, elem_id="ce_advanced"):
                     for spec in PARAMETERS:
                         if spec.advanced:
-                            form[spec.name] = form_field(gr, spec, host.defaults.get(spec.name, spec.default))
+                            form[spec.name] = form_field(gr, spec, spec.default)
                 with gr.Row():
                     form["name"] = gr.Textbox(label="Output name", value="erased", elem_id="ce_name")
                     form["want_lora"] = gr.Checkbox(value=True, label="Save LoRA", elem_id="ce_want_lora")
@@ -249,10 +257,6 @@ class StandaloneHost(Host):
     def __init__(self, model: str = BUILTIN_MODEL, folder: str = ".", device: str = "cpu"):
         self.default_model, self.default_folder, self.device = model, folder, device
         self.loaded: dict[str, Denoiser] = {}
-        if model == BUILTIN_MODEL:  # the tiny demo model learns fast: the benchmark's settings
-            from ..benchmarks.efficacy import DEFAULT_LR, DEFAULT_STEPS
-
-            self.defaults = {"steps": DEFAULT_STEPS, "lr": DEFAULT_LR}
 
     def denoiser(self, model: str) -> Denoiser:
         from ..hosts.diffusers_loading import load_denoiser

@@ -1,0 +1,58 @@
+"""Auto steps and the automatic learning rate on full-size models with random weights.
+
+    python -m erase_engine.benchmarks.auto_full_size --shape sd15 [--resolution 64] [--device cpu]
+
+Runs one erasure at the defaults (auto steps, auto learning rate) on a full-size SD1.5- or
+SDXL-shaped model (random weights; 64 px is an 8x8 latent, what a CPU affords) and prints
+the held-out score at every check, the steps it took, why it stopped, and the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from ..parameters import EraseConfig
+from ..trainer import Progress, erase_concept
+from .speed import PROMPTS, build_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m erase_engine.benchmarks.auto_full_size", description=__doc__)
+    parser.add_argument("--shape", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--resolution", type=int, default=64, help="image pixels (64: an 8x8 latent)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sampler-steps", type=int, default=50, help="the trajectory sampler's steps")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    denoiser = build_model(args.shape, args.device, torch.float32)
+    config = EraseConfig(
+        erase=[PROMPTS[args.shape]], preserve=["a photo of a dog"], resolution=args.resolution,
+        sampler_steps=args.sampler_steps,
+    )  # fmt: skip
+    shown = []
+
+    def progress(where: Progress) -> None:
+        if where.score is not None and where.score is not (shown[-1] if shown else None):
+            shown.append(where.score)
+            print(f"step {where.step}: {where.score.summary()}, loss {where.losses['loss']:.4g}", file=sys.stderr)
+
+    erasure = erase_concept(denoiser, config, progress=progress)
+    row = {
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name(denoiser.device) if denoiser.device.type == "cuda" else "cpu",
+        "resolution": args.resolution,
+        "steps_run": erasure.scores[-1][0],
+        "stopped": erasure.stopped,
+        "score": erasure.score.as_dict(),
+        "scores": [{"step": step, **score.as_dict()} for step, score in erasure.scores],
+        "seconds": {k: round(v, 1) for k, v in erasure.seconds.items()},
+    }
+    print(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()

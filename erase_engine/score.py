@@ -1,0 +1,126 @@
+"""The erasure score (docs/method.md, section 7): how far an erasure has gone, measured by the
+model itself on held-out trajectories, with no classifier.
+
+The trajectory cache samples two more trajectories per prompt than training draws from; a
+few states of each (spread over the noise levels) are the held-out states.  With
+``d = target - e*(x, c_e)``, there:
+
+    remaining      = 1 - sum < e(x, c_e) - e*(x, c_e), d > / sum || d ||^2
+    distance       = sqrt( sum || e(x, c_e) - target ||^2 / sum || d ||^2 )
+    uncond drift   = sqrt( sum || e(x, 0) - e*(x, 0) ||^2 / sum || g*(x, c_e) ||^2 )
+    preserve drift = sqrt( mean || e(x_p, p) - e*(x_p, p) ||^2 / mean || g*(x, c_e) ||^2 ), per p
+
+``remaining`` is 1 before training and 0 when the erased prompt has moved all the way to its
+target (``distance`` also counts what the trained layers cannot reach); the drifts are 0
+before training and measure a change relative to the size of the erased concept's guidance
+(the change the erasure is meant to make).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .deltas import WeightDeltas
+from .denoiser import Conditioning, Denoiser
+from .objective import Objective, erase_target
+from .sampling import TrajectoryCache
+
+HELD_OUT_TRAJECTORIES = 2  # per prompt, never drawn by training
+LEVELS = 6  # states per held-out trajectory, evenly spread over the sampler's steps
+BATCH = 16  # rows per student call while scoring
+
+
+@dataclass(frozen=True)
+class Score:
+    remaining: float  # along the direction to the target: the headline, what auto steps stop on
+    distance: float  # the whole remaining distance to the target
+    uncond_drift: float
+    preserve_drift: dict[str, float]  # per preserve prompt
+
+    @property
+    def worst_preserve_drift(self) -> float:
+        return max(self.preserve_drift.values(), default=0.0)
+
+    def as_dict(self) -> dict:
+        return {
+            "remaining": round(self.remaining, 4),
+            "distance": round(self.distance, 4),
+            "uncond_drift": round(self.uncond_drift, 4),
+            "preserve_drift": round(self.worst_preserve_drift, 4),
+            "preserve_drift_by_prompt": {p: round(d, 4) for p, d in self.preserve_drift.items()},
+        }
+
+    def summary(self) -> str:
+        text = f"remaining {self.remaining:.2f}, uncond drift {self.uncond_drift:.3f}"
+        return text + (f", preserve drift {self.worst_preserve_drift:.3f}" if self.preserve_drift else "")
+
+
+class ScoreProbe:
+    """The held-out states with the frozen model's outputs and targets there, computed once;
+    ``score(deltas)`` then costs one student forward pass over them."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        objective: Objective,
+        held_out: TrajectoryCache,
+        pairs: list[tuple[str, str]],
+        preserve: list[str],
+        cond: dict[str, Conditioning],
+    ):
+        self.denoiser, self.cond = denoiser, cond
+        self.erase_states, self.preserve_states = [], {}  # (prompt, x, t) the student is asked at
+        targets, teacher_erase, teacher_uncond, self.teacher_preserve = [], [], [], {}
+        for erase, into in pairs:
+            x, t, outputs = held_out.states(erase, LEVELS)
+            alternative = self._output(into, x, t) if into else None
+            targets.append(erase_target(outputs[:, 0], outputs[:, 1], objective.eta, alternative))
+            teacher_uncond.append(outputs[:, 0])
+            teacher_erase.append(outputs[:, 1])
+            self.erase_states.append((erase, x, t))
+        for prompt in preserve:
+            x, t, outputs = held_out.states(prompt, LEVELS)
+            self.teacher_preserve[prompt] = outputs[:, 1]
+            self.preserve_states[prompt] = (x, t)
+        self.target, self.teacher_uncond = torch.cat(targets), torch.cat(teacher_uncond)
+        guidance = torch.cat(teacher_erase) - self.teacher_uncond
+        self.teacher_erase = torch.cat(teacher_erase)
+        self.untouched = _energy(self.teacher_erase - self.target)
+        self.guidance, self.guidance_per_state = _energy(guidance), _energy(guidance) / len(guidance)
+
+    def score(self, deltas: WeightDeltas) -> Score:
+        student_erase = torch.cat([self._output(prompt, x, t, deltas) for prompt, x, t in self.erase_states])
+        student_uncond = torch.cat([self._output("", x, t, deltas) for _, x, t in self.erase_states])
+        preserve = {}
+        for prompt, (x, t) in self.preserve_states.items():
+            change = self._output(prompt, x, t, deltas) - self.teacher_preserve[prompt]
+            preserve[prompt] = float(_energy(change) / len(change) / self.guidance_per_state) ** 0.5
+        return Score(
+            distance=float(_energy(student_erase - self.target) / self.untouched) ** 0.5,
+            remaining=1
+            - float(_inner(student_erase - self.teacher_erase, self.target - self.teacher_erase) / self.untouched),
+            uncond_drift=float(_energy(student_uncond - self.teacher_uncond) / self.guidance) ** 0.5,
+            preserve_drift=preserve,
+        )
+
+    @torch.no_grad()
+    def _output(
+        self, prompt: str, x: torch.Tensor, t: torch.Tensor, deltas: WeightDeltas | None = None
+    ) -> torch.Tensor:
+        """The model's outputs for ``prompt`` at the states ``x, t``, a few rows per call."""
+        parts = []
+        for start in range(0, len(x), BATCH):
+            rows = slice(start, start + BATCH)
+            cond = self.cond[prompt].repeat(len(x[rows]))
+            parts.append(self.denoiser.output(x[rows], t[rows], cond, deltas))
+        return torch.cat(parts)
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() * b.double()).sum()
+
+
+def _energy(difference: torch.Tensor) -> torch.Tensor:
+    return difference.double().pow(2).sum().clamp_min(1e-30)

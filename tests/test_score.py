@@ -1,0 +1,162 @@
+"""The held-out erasure score, auto steps and the automatic learning rate, on tiny models."""
+
+import pytest
+import torch
+
+from erase_engine import EraseConfig, erase_concept
+from erase_engine.deltas import WeightDeltas
+from erase_engine.objective import make_objective
+from erase_engine.sampling import TrajectoryCache
+from erase_engine.score import LEVELS, ScoreProbe
+from erase_engine.trainer import CHECK_EVERY, RELATIVE_STEP, encode_prompts
+
+
+@pytest.fixture
+def held_out(tiny_model_dirs):
+    from erase_engine import load_denoiser
+
+    denoiser = load_denoiser(tiny_model_dirs["sd1"])
+    prompts = ["a cat", "a car"]
+    shape = denoiser.latent_shape(None)
+    cache = TrajectoryCache.sample(denoiser, prompts, 2, 4, 3.0, shape, torch.Generator().manual_seed(0))
+    return denoiser, cache
+
+
+def random_lora(denoiser) -> WeightDeltas:
+    deltas = WeightDeltas.create(denoiser.unet_layers(), "xattn", 2)
+    with torch.no_grad():
+        for delta in deltas.by_layer.values():
+            delta.up.normal_(0, 0.05)
+    return deltas
+
+
+@pytest.mark.parametrize("into", ["", "a dog"])
+def test_the_score_is_the_formula_written_out_state_by_state(held_out, into):
+    """remaining, distance and the drifts of docs/method.md section 7, computed here one
+    held-out state at a time from the model's own outputs."""
+    denoiser, cache = held_out
+    config = EraseConfig(erase=["a cat"], into=[into] if into else [], preserve=["a car"])
+    objective = make_objective("surgical")
+    deltas = random_lora(denoiser)
+    score = ScoreProbe(denoiser, objective, cache, config.pairs(), ["a car"], encode_prompts(denoiser, config)).score(
+        deltas
+    )
+
+    def out(prompt, x, t, with_deltas=False):
+        with torch.no_grad():
+            return denoiser.output(x[None], t[None], denoiser.encode([prompt]), deltas if with_deltas else None)[0]
+
+    steps = cache.latents["a cat"].shape[1]
+    levels = torch.linspace(0, steps - 1, min(LEVELS, steps)).round().long().unique()
+    far = untouched = along = uncond = guidance = preserve = 0.0
+    for k in range(cache.latents["a cat"].shape[0]):
+        for s in levels.tolist():
+            x, t = cache.latents["a cat"][k, s], cache.timesteps[s]
+            e_0, e_c = out("", x, t), out("a cat", x, t)
+            g_a = out(into, x, t) - e_0 if into else 0.0
+            target = e_0 + g_a - objective.eta * (e_c - e_0)
+            student = out("a cat", x, t, True)
+            far += float(((student - target) ** 2).sum())
+            untouched += float(((e_c - target) ** 2).sum())
+            along += float(((student - e_c) * (target - e_c)).sum())
+            uncond += float(((out("", x, t, True) - e_0) ** 2).sum())
+            guidance += float(((e_c - e_0) ** 2).sum())
+            x_p = cache.latents["a car"][k, s]
+            preserve += float(((out("a car", x_p, t, True) - out("a car", x_p, t)) ** 2).sum())
+    assert score.distance == pytest.approx((far / untouched) ** 0.5, rel=1e-3)
+    assert score.remaining == pytest.approx(1 - along / untouched, rel=1e-3, abs=1e-4)
+    assert score.uncond_drift == pytest.approx((uncond / guidance) ** 0.5, rel=1e-3)
+    assert score.preserve_drift["a car"] == pytest.approx((preserve / guidance) ** 0.5, rel=1e-3)
+    assert score.remaining != pytest.approx(1.0)  # the random deltas moved it
+
+
+def test_untrained_deltas_score_untouched(held_out):
+    denoiser, cache = held_out
+    config = EraseConfig(erase=["a cat"], preserve=["a car"])
+    fresh = WeightDeltas.create(denoiser.unet_layers(), "xattn", 2)
+    probe = ScoreProbe(
+        denoiser, make_objective("surgical"), cache, config.pairs(), ["a car"], encode_prompts(denoiser, config)
+    )
+    score = probe.score(fresh)
+    assert (score.remaining, score.distance, score.uncond_drift, score.preserve_drift["a car"]) == (
+        pytest.approx(1.0),
+        pytest.approx(1.0),
+        pytest.approx(0.0, abs=1e-6),
+        pytest.approx(0.0, abs=1e-6),
+    )
+
+
+def test_held_out_trajectories_are_never_drawn_for_training(tiny_model_dirs, monkeypatch):
+    from erase_engine import load_denoiser, trainer
+
+    denoiser = load_denoiser(tiny_model_dirs["sd1"])
+    seen = {}
+    split = TrajectoryCache.split
+
+    def recording(cache, held):
+        seen["all"], (seen["train"], seen["held"]) = cache, split(cache, held)
+        return seen["train"], seen["held"]
+
+    monkeypatch.setattr(TrajectoryCache, "split", recording)
+    drawn = []
+    draw_states = trainer.draw_states
+    monkeypatch.setattr(trainer, "draw_states", lambda *a: drawn.append(draw_states(*a)) or drawn[-1])
+    erase_concept(denoiser, EraseConfig(erase=["a cat"], steps=30, trajectories=2, sampler_steps=3))
+    everything = seen["all"].latents["a cat"]
+    held = seen["held"].latents["a cat"].flatten(0, 1)
+    assert len(everything) == 2 + len(seen["held"].latents["a cat"])
+    for draw in drawn:
+        assert not any(torch.equal(draw.x[0], state) for state in held)
+        assert any(torch.equal(draw.x[0], state) for state in everything.flatten(0, 1))
+
+
+def test_auto_steps_stop_at_the_threshold_or_the_maximum(tiny_model_dirs):
+    from erase_engine import load_denoiser
+
+    denoiser = load_denoiser(tiny_model_dirs["sd1"])
+    quick = {"erase": ["a cat"], "trajectories": 1, "sampler_steps": 2}
+    reached = erase_concept(denoiser, EraseConfig(**quick, stop_at=0.999, max_steps=200))
+    steps, score = reached.scores[-1]
+    assert steps < 200 and steps % CHECK_EVERY == 0 and score.remaining <= 0.999
+    assert all(s.remaining > 0.999 for _, s in reached.scores[:-1]) and "reached" in reached.stopped
+    assert len(reached.losses) == steps
+
+    capped = erase_concept(denoiser, EraseConfig(**quick, stop_at=0.01, max_steps=7))
+    assert len(capped.losses) == 7 and capped.scores[-1][0] == 7 and "max_steps" in capped.stopped
+
+    fixed = erase_concept(denoiser, EraseConfig(**quick, steps=5, stop_at=1.0))
+    assert len(fixed.losses) == 5  # a number of steps given is run whatever the score
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_the_automatic_learning_rate_moves_every_layer_by_the_same_fraction(tiny_model_dirs, rank):
+    """One AdamW step (its first moves each entry by its learning rate) on every layer with a
+    gradient: the change of each layer's weight, relative to that weight's RMS, is RELATIVE_STEP
+    for full-rank deltas, and close to it for LoRA factors (random signs add up as sqrt(rank))."""
+    from erase_engine import load_denoiser
+
+    denoiser = load_denoiser(tiny_model_dirs["sd1"])
+    deltas = WeightDeltas.create(denoiser.unet_layers(), "full", rank)
+    optimizer = torch.optim.AdamW(deltas.parameter_groups(None, RELATIVE_STEP), weight_decay=0.0)
+    if rank:  # a LoRA's up starts at zero: give the down factor its gradient through a first up
+        with torch.no_grad():
+            for delta in deltas.by_layer.values():
+                delta.up.normal_(0, 1e-8)
+    x = torch.randn(2, *denoiser.latent_shape(None))
+    out = denoiser.output(x, torch.tensor([500, 500]), denoiser.encode(["a cat", ""]), deltas)
+    before = {k: deltas.delta(k).detach().clone() for k in deltas.layers}
+    out.pow(2).mean().backward()
+    optimizer.step()
+    ratios = []
+    for key, layer in deltas.layers.items():
+        change = deltas.delta(key).detach() - before[key]
+        weight_rms = layer.module.weight.float().pow(2).mean().sqrt()
+        if change.abs().max() > 0:
+            ratios.append(float(change.pow(2).mean().sqrt() / weight_rms / RELATIVE_STEP))
+    ratios = torch.tensor(ratios)
+    assert len(ratios) > 10
+    if rank is None:
+        assert ratios.median() == pytest.approx(1.0, rel=0.05)  # entries without gradient lower a few
+    else:
+        assert 0.3 < float(ratios.median()) < 3.0
+    assert float(ratios.max() / ratios.min()) < (1.5 if rank is None else 10.0)  # no layer far off the others
