@@ -85,16 +85,12 @@ class WeightDeltas(nn.Module):
         if not selected:
             raise ValueError(f"the trainable set {train!r} selects no layer of this model")
         alpha = float(alpha if alpha is not None else (rank or 0))
-        if rank:
-            limit, key = min(
-                (min(layer.module.weight.shape[0], layer.module.weight[0].numel()), key)
-                for key, layer in selected.items()
+        widest = max(min(layer.module.weight.shape[0], layer.module.weight[0].numel()) for layer in selected.values())
+        if rank and rank > widest:  # a narrower layer gets a rank it can hold (LoRADelta clamps it)
+            raise ValueError(
+                f"LoRA rank {rank} is larger than any selected layer allows (at most {widest}); "
+                "choose a smaller rank, or full rank"
             )
-            if rank > limit:
-                raise ValueError(
-                    f"LoRA rank {rank} is larger than layer {key} allows (at most {limit}); "
-                    "choose a smaller rank, or full rank"
-                )
         deltas = {
             key: LoRADelta(layer.module.weight, rank, alpha) if rank else FullDelta(layer.module.weight)
             for key, layer in selected.items()

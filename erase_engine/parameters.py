@@ -166,7 +166,7 @@ class EraseConfig:
     )
     stop_at: float = parameter(
         "Stop at remaining",
-        "Auto steps stop once the erased prompt's held-out remaining score is at most this (1: untouched, 0: erased).",
+        "Auto steps stop once the held-out remaining score (1: untouched, 0: erased) and uncond drift are at most this",
         0.3,
         0.01,
         1.0,

@@ -165,8 +165,8 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         if done % CHECK_EVERY == 0 or done == most:
             scores.append((done, probe.score(deltas)))
         report("training", done, most, losses[-1], scores[-1][1])
-        if config.steps is None and scores[-1][0] == done and scores[-1][1].remaining <= config.stop_at:
-            break  # auto: the held-out score says the concept is gone
+        if config.steps is None and scores[-1][0] == done and erased(scores[-1][1], config.stop_at):
+            break  # auto: the held-out score says the concept is gone and the empty prompt is in place
 
     finished = time.perf_counter()
     deltas.requires_grad_(False)
@@ -174,13 +174,20 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     return Erasure(deltas, denoiser, config, objective, losses, scores, why_stopped(config, scores[-1][1]), seconds)
 
 
+def erased(score: Score, stop_at: float) -> bool:
+    """Auto steps' test: the concept has gone far enough, and the empty prompt's prediction has
+    settled (early on, large steps move everything, and an alternative's direction is reached
+    before the rest is pulled back in place)."""
+    return score.remaining <= stop_at and score.uncond_drift <= stop_at
+
+
 def why_stopped(config: EraseConfig, score: Score) -> str:
     if config.steps is not None:
         return f"ran the {config.steps} steps asked for"
-    if score.remaining <= config.stop_at:
-        return f"auto: the held-out score reached remaining {score.remaining:.2f} <= stop_at {config.stop_at:g}"
-    left = f"remaining {score.remaining:.2f} > stop_at {config.stop_at:g}"
-    return f"auto: stopped at max_steps {config.max_steps} with {left}"
+    reached = f"remaining {score.remaining:.2f} and uncond drift {score.uncond_drift:.2f}"
+    if erased(score, config.stop_at):
+        return f"auto: the held-out score reached {reached} <= stop_at {config.stop_at:g}"
+    return f"auto: stopped at max_steps {config.max_steps} with {reached} (stop_at {config.stop_at:g})"
 
 
 def encode_prompts(denoiser: Denoiser, config: EraseConfig) -> dict[str, Conditioning]:

@@ -28,7 +28,7 @@ from .efficacy import Concept, average, default_preserve, prompt_groups, sample
 
 STEP_COUNTS = (50, 100, 200, 400)
 ERASED = 0.05  # the judge's erase_acc_after at which a concept counts as erased (issue 13)
-THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 
 
 def ranks(values: list[float]) -> torch.Tensor:
