@@ -64,7 +64,10 @@ def test_a_erase_then_sample_same_seed_and_the_loaded_model_is_untouched(server)
     assert before.shape == after.shape == (64, 64, 3)
     assert np.abs(before - after).max() > 0  # the erased MODEL samples differently at the same seed
     preview = image_array(server, outputs, "12")
-    assert preview.shape[0] == 2 * 3 * 64  # rows: 3 prompts (erase + 2 preserve), before and after
+    from erase_engine.report import HEADER, TILE
+
+    tile = 64 * -(-TILE // 64)  # the 64-px samples scaled up by a whole factor
+    assert preview.shape[0] == HEADER + 2 * 3 * tile  # rows: 3 prompts (erase + 2 preserve), before and after
 
     # The MODEL that came in (ComfyUI's cached loader output, same node id) saved by the stock node.
     saved = server.run(
