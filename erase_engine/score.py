@@ -59,7 +59,7 @@ class Score:
 
 class ScoreProbe:
     """The held-out states with the frozen model's outputs and targets there, computed once;
-    ``score(deltas)`` then costs one student forward pass over them."""
+    ``score(deltas)`` then costs the student's forward passes over them (``BATCH`` rows a call)."""
 
     def __init__(
         self,
@@ -85,10 +85,10 @@ class ScoreProbe:
             self.teacher_preserve[prompt] = outputs[:, 1]
             self.preserve_states[prompt] = (x, t)
         self.target, self.teacher_uncond = torch.cat(targets), torch.cat(teacher_uncond)
-        guidance = torch.cat(teacher_erase) - self.teacher_uncond
         self.teacher_erase = torch.cat(teacher_erase)
-        self.untouched = _energy(self.teacher_erase - self.target)
-        self.guidance, self.guidance_per_state = _energy(guidance), _energy(guidance) / len(guidance)
+        self.untouched = _energy(self.teacher_erase - self.target)  # || d ||^2
+        self.guidance = _energy(self.teacher_erase - self.teacher_uncond)  # || g*(x, c_e) ||^2
+        self.guidance_per_state = self.guidance / len(self.teacher_erase)
 
     def score(self, deltas: WeightDeltas) -> Score:
         student_erase = torch.cat([self._output(prompt, x, t, deltas) for prompt, x, t in self.erase_states])
@@ -97,10 +97,10 @@ class ScoreProbe:
         for prompt, (x, t) in self.preserve_states.items():
             change = self._output(prompt, x, t, deltas) - self.teacher_preserve[prompt]
             preserve[prompt] = float(_energy(change) / len(change) / self.guidance_per_state) ** 0.5
+        moved = _inner(student_erase - self.teacher_erase, self.target - self.teacher_erase)
         return Score(
+            remaining=1 - float(moved / self.untouched),
             distance=float(_energy(student_erase - self.target) / self.untouched) ** 0.5,
-            remaining=1
-            - float(_inner(student_erase - self.teacher_erase, self.target - self.teacher_erase) / self.untouched),
             uncond_drift=float(_energy(student_uncond - self.teacher_uncond) / self.guidance) ** 0.5,
             preserve_drift=preserve,
         )
