@@ -81,6 +81,9 @@ def test_stop_mid_run_saves_nothing(app, page):
     before = set(folder.iterdir())
     fill_text(page, "erase", "heart")
     fill_text(page, "name", "stopped")
+    # Fixed and long: with auto steps a fast machine can finish before the click lands.
+    page.locator("#ce_steps input[type=number]").fill("5000")
+    page.locator("#ce_steps input[type=number]").press("Tab")
     page.click("#ce_start")
     wait_for_status(page, "step ", 120)
     page.click("#ce_stop")
