@@ -87,7 +87,7 @@ def erasure_metadata(
     kohya_version = ARCHITECTURES[info.architecture].kohya_version
     spec_architecture = modelspec_architecture(denoiser)
     erased = ", ".join(f"{e} -> {a}" if a else e for e, a in config.pairs())
-    description = f"'{erased}' erased with {config.method} ({config.train}, {config.steps} steps)."
+    description = f"'{erased}' erased with {config.method} ({config.train}, {erasure.scores[-1][0]} steps)."
     hyperparameters = {**config.as_dict(), "eta": objective.eta, "lambda_u": objective.lambda_u}
     hyperparameters["lambda_p"] = objective.lambda_p
     metadata = {
@@ -123,8 +123,8 @@ def erasure_metadata(
             "ss_sd_model_name": info.name,
             "ss_new_sd_model_hash": denoiser.sha256,
             "ss_output_name": title,
-            "ss_steps": str(config.steps),
-            "ss_max_train_steps": str(config.steps),
+            "ss_steps": str(erasure.scores[-1][0]),
+            "ss_max_train_steps": str(config.steps or config.max_steps),
             "ss_learning_rate": str(config.lr),
             "ss_unet_lr": str(config.lr),
             "ss_text_encoder_lr": "0",

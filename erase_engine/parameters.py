@@ -87,7 +87,7 @@ def parameter(
     """A config field declared with what the front ends show of it."""
     spec = Parameter(label, help, default, minimum, maximum, step, **options)
     if spec.kind is str and not spec.choices:  # prompts: a list in the config
-        return field(default_factory=list, metadata={"parameter": spec})
+        return field(default_factory=lambda: default.splitlines(), metadata={"parameter": spec})
     config_default = None if default == spec.unset else default
     return field(default=config_default, metadata={"parameter": spec})
 
@@ -195,6 +195,13 @@ class EraseConfig:
         unset_means="the rank",
         advanced=True,
     )
+    contexts: list[str] = parameter(
+        "Contexts (one per line; {} stands for the concept)",
+        "Sentences to erase the concept in as well, as your prompts use it (the words after a concept carry it).",
+        "{}",
+        multiline=True,
+        advanced=True,
+    )
 
     def __post_init__(self) -> None:
         for spec in PARAMETERS:  # a form's "unset" value stands for None here too
@@ -204,6 +211,10 @@ class EraseConfig:
         self.erase = [p.strip() for p in self.erase]
         self.into = [p.strip() for p in self.into]
         self.preserve = [p.strip() for p in self.preserve if p.strip()]
+        self.contexts = list(dict.fromkeys(c.strip() for c in self.contexts if c.strip())) or ["{}"]
+        unplaced = [c for c in self.contexts if "{}" not in c]
+        if unplaced:
+            raise ValueError(f"each context needs {{}} where the concept goes, got {unplaced[0]!r}")
         if not self.erase or not all(self.erase):
             raise ValueError("give at least one non-empty concept to erase")
         if self.into and len(self.into) not in (1, len(self.erase)):
@@ -218,7 +229,13 @@ class EraseConfig:
             raise ValueError(f"the preserve list contains the concept being erased: {kept}")
         if len(self.preserve) > MAX_PRESERVE_PROMPTS:
             raise ValueError(f"at most {MAX_PRESERVE_PROMPTS} preserve prompts, got {len(self.preserve)}")
-        longest = max([*self.erase, *self.into, *self.preserve], key=len)
+        erased = {e.casefold(): e for e, _ in self.prompt_pairs()}
+        in_context = [p for p in self.preserve if p.casefold() in erased]
+        if in_context:
+            raise ValueError(
+                f"the preserve prompt {in_context[0]!r} is a concept in one of the contexts; remove it or that context"
+            )
+        longest = max([*(p for pair in self.prompt_pairs() for p in pair), *self.preserve], key=len)
         if len(longest) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompts are limited to {MAX_PROMPT_CHARS} characters, one has {len(longest)}")
         for spec in PARAMETERS:
@@ -232,7 +249,16 @@ class EraseConfig:
         return objective
 
     def pairs(self) -> list[tuple[str, str]]:
+        """(concept, alternative) as the user gave them ("" where there is no alternative)."""
         return list(zip(self.erase, self.into or [""] * len(self.erase), strict=True))
+
+    def prompt_pairs(self) -> list[tuple[str, str]]:
+        """(erased prompt, alternative prompt) for each concept in each context: what training draws from."""
+        return [
+            (context.replace("{}", erase), context.replace("{}", into) if into else "")
+            for erase, into in self.pairs()
+            for context in self.contexts
+        ]
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -24,6 +24,7 @@ OUT_OF_MEMORY_HINT = (
 # fraction of its RMS (docs/method.md, section 8; chosen on the built-in benchmark).
 RELATIVE_STEP = 1e-2
 CHECK_EVERY = 20  # training steps between two held-out scores
+PAIRS_PER_STEP = 4  # erased prompts per training step (a concept in its default contexts: all of them)
 BROKEN_MODEL_HINT = "the model file is damaged, or it runs in a precision too low for it (try full precision)"
 
 
@@ -69,15 +70,15 @@ ProgressFn = Callable[[Progress], None]
 
 @dataclass
 class Draw:
-    """One training step's states: an erased concept's ``x_t`` and each preserve prompt's own,
-    with the frozen model's outputs there (kept by the trajectory cache)."""
+    """One training step's states: a few erased prompts' ``x_t`` (a row each) and each preserve
+    prompt's own, with the frozen model's outputs there (kept by the trajectory cache)."""
 
-    erase: str
-    into: str
-    x: torch.Tensor  # [1, C, H, W]
-    t: torch.Tensor  # [1]
-    teacher_uncond: torch.Tensor  # [1, C, H, W]
-    teacher_erase: torch.Tensor  # [1, C, H, W]
+    erase: list[str]  # [E] erased prompts (concepts in contexts)
+    into: list[str]  # [E] their alternatives ("" for none)
+    x: torch.Tensor  # [E, C, H, W]
+    t: torch.Tensor  # [E]
+    teacher_uncond: torch.Tensor  # [E, C, H, W]
+    teacher_erase: torch.Tensor  # [E, C, H, W]
     preserve: list[str]
     preserve_x: torch.Tensor  # [P, C, H, W] (P = 0 when nothing is preserved)
     preserve_t: torch.Tensor  # [P]
@@ -127,7 +128,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     preserve = config.preserve if use_preserve else []
     stop_if_asked("sampling the trajectory cache", 0, config.sampler_steps)
     cache, held_out = sample_cache(denoiser, config, preserve, generator, sampler_step)
-    probe = ScoreProbe(denoiser, objective, held_out, config.pairs(), preserve, cond)
+    probe = ScoreProbe(denoiser, objective, held_out, config.prompt_pairs(), preserve, cond)
     sampled = time.perf_counter()
 
     # The deltas and their optimizer (the host's weights stay frozen and untouched).
@@ -192,8 +193,8 @@ def why_stopped(config: EraseConfig, score: Score) -> str:
 
 def encode_prompts(denoiser: Denoiser, config: EraseConfig) -> dict[str, Conditioning]:
     """Every prompt's text conditioning, once (cloned: a host may have made it under inference mode)."""
-    alternatives = [a for a in config.into if a]
-    prompts = list(dict.fromkeys(["", *config.erase, *alternatives, *config.preserve]))
+    erased, alternatives = zip(*config.prompt_pairs(), strict=True)
+    prompts = list(dict.fromkeys(["", *erased, *(a for a in alternatives if a), *config.preserve]))
     with torch.no_grad():
         encoded = denoiser.encode(prompts).detached().to(denoiser.device)
     cond = {p: encoded[i] for i, p in enumerate(prompts)}
@@ -214,7 +215,7 @@ def sample_cache(
     prompts; the last trajectories of each prompt are held out of training, for the score."""
     cache = TrajectoryCache.sample(
         denoiser,
-        list(dict.fromkeys(config.erase)) + preserve,
+        list(dict.fromkeys(erase for erase, _ in config.prompt_pairs())) + preserve,
         config.trajectories + HELD_OUT_TRAJECTORIES,
         config.sampler_steps,
         config.sampler_cfg,
@@ -230,41 +231,47 @@ def sample_cache(
 def draw_states(
     cache: TrajectoryCache, config: EraseConfig, preserve: list[str], pick: random.Random, generator: torch.Generator
 ) -> Draw:
-    """A random (erase, alternative) pair at a random cached state, and each preserve prompt at one of its own."""
-    erase, into = pick.choice(config.pairs())
-    x, t, outputs = cache.draw(erase, generator)
+    """Up to ``PAIRS_PER_STEP`` random (erased, alternative) prompt pairs, each at a random
+    cached state of its own, and each preserve prompt at one of its own."""
+    pairs = config.prompt_pairs()
+    chosen = pick.sample(pairs, min(PAIRS_PER_STEP, len(pairs)))
+    erased = [cache.draw(erase, generator) for erase, _ in chosen]
     draws = [cache.draw(p, generator) for p in preserve]
+    outputs = torch.stack([out for _, _, out in erased])  # [E, 2, C, H, W]: (uncond, erased prompt)
     return Draw(
-        erase,
-        into,
-        x,
-        t,
-        teacher_uncond=outputs[0:1],
-        teacher_erase=outputs[1:2],
+        [erase for erase, _ in chosen],
+        [into for _, into in chosen],
+        torch.cat([x for x, _, _ in erased]),
+        torch.cat([t for _, t, _ in erased]),
+        teacher_uncond=outputs[:, 0],
+        teacher_erase=outputs[:, 1],
         preserve=preserve,
-        preserve_x=torch.cat([x for x, _, _ in draws]) if draws else x[:0],
-        preserve_t=torch.cat([t for _, t, _ in draws]) if draws else t[:0],
+        preserve_x=torch.cat([x for x, _, _ in draws]) if draws else erased[0][0][:0],
+        preserve_t=torch.cat([t for _, t, _ in draws]) if draws else erased[0][1][:0],
         teacher_preserve=torch.stack([out[1] for _, _, out in draws]) if draws else None,
     )
 
 
 def teacher_target(denoiser: Denoiser, objective: Objective, draw: Draw, cond: dict[str, Conditioning]) -> torch.Tensor:
-    """The erased prompt's target; only an alternative's output is not in the cache."""
-    alternative = None
-    if draw.into:
+    """The erased prompts' targets; only the alternatives' outputs are not in the cache (a row
+    without one takes the empty prompt's, which adds no guidance)."""
+    alternative = draw.teacher_uncond.clone()
+    rows = [i for i, into in enumerate(draw.into) if into]
+    if rows:
         with torch.no_grad():
-            alternative = denoiser.output(draw.x, draw.t, cond[draw.into])
+            into = Conditioning.cat([cond[draw.into[i]] for i in rows])
+            alternative[rows] = denoiser.output(draw.x[rows], draw.t[rows], into)
     return erase_target(draw.teacher_uncond, draw.teacher_erase, objective.eta, alternative)
 
 
 def student_outputs(
     denoiser: Denoiser, deltas: WeightDeltas, objective: Objective, draw: Draw, cond: dict[str, Conditioning]
 ) -> dict[str, torch.Tensor]:
-    """The student's outputs for the erased prompt, the empty prompt (when it is pinned) and
+    """The student's outputs for the erased prompts, the empty prompt (when it is pinned) and
     the preserve prompts, from one batched call, by name."""
-    rows = {"erase": (cond[draw.erase], draw.x, draw.t)}
+    rows = {"erase": (Conditioning.cat([cond[p] for p in draw.erase]), draw.x, draw.t)}
     if objective.lambda_u:
-        rows["uncond"] = (cond[""], draw.x, draw.t)
+        rows["uncond"] = (cond[""].repeat(len(draw.x)), draw.x, draw.t)
     if draw.preserve:
         rows["preserve"] = (Conditioning.cat([cond[p] for p in draw.preserve]), draw.preserve_x, draw.preserve_t)
     conds, xs, ts = zip(*rows.values(), strict=True)

@@ -38,21 +38,32 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
     draws = record_draws(monkeypatch)
     config = EraseConfig(
-        erase=["a cat"], into=[into] if into else [], method=method, steps=1, trajectories=2, sampler_steps=4
+        erase=["a cat"],
+        into=[into] if into else [],
+        contexts=["{}", "a photo of {}"],
+        method=method,
+        steps=1,
+        trajectories=2,
+        sampler_steps=4,
     )
     erasure = erase_concept(denoiser, config)
-    x_t, t = draws[0].x, draws[0].t  # the state the training step drew
+    draw = draws[0]  # the states the training step drew: the concept in each context, a row each
+    assert sorted(zip(draw.erase, draw.into, strict=True)) == sorted(config.prompt_pairs())
 
-    e_uncond, e_cat = raw_unet(denoiser, x_t, t, ""), raw_unet(denoiser, x_t, t, "a cat")
     eta = make_objective(method).eta
-    if method == "esd":  # ESD (Gandikota et al.): e*(x,0) - eta (e*(x,c) - e*(x,0)), with eta = 1
-        assert eta == 1.0
-        target = e_uncond - eta * (e_cat - e_uncond)
-    else:  # docs/method.md, section 1: e*(x,0) + g*(x,c_a) - eta g*(x,c_e)
-        e_dog = raw_unet(denoiser, x_t, t, into) if into else e_uncond
-        target = e_uncond + (e_dog - e_uncond) - eta * (e_cat - e_uncond)
+    squared_errors = []
+    for row, (erased, alternative) in enumerate(zip(draw.erase, draw.into, strict=True)):
+        x_t, t = draw.x[row : row + 1], draw.t[row : row + 1]
+        e_uncond, e_cat = raw_unet(denoiser, x_t, t, ""), raw_unet(denoiser, x_t, t, erased)
+        if method == "esd":  # ESD (Gandikota et al.): e*(x,0) - eta (e*(x,c) - e*(x,0)), with eta = 1
+            assert eta == 1.0
+            target = e_uncond - eta * (e_cat - e_uncond)
+        else:  # docs/method.md, section 1: e*(x,0) + g*(x,c_a) - eta g*(x,c_e)
+            e_dog = raw_unet(denoiser, x_t, t, alternative) if into else e_uncond
+            target = e_uncond + (e_dog - e_uncond) - eta * (e_cat - e_uncond)
+        squared_errors.append((e_cat - target) ** 2)
     # at step one the student equals the teacher, so only the erase term is non-zero
-    expected = ((e_cat - target) ** 2).mean()
+    expected = torch.cat(squared_errors).mean()
     assert erasure.losses[0]["erase"] == pytest.approx(float(expected), rel=1e-4)
     assert erasure.losses[0].get("uncond", 0.0) == pytest.approx(0.0, abs=1e-10)
 
@@ -115,7 +126,7 @@ def test_erasure_moves_the_concept_to_the_target_and_keeps_the_unconditional(tin
     """Checked on held-out trajectories (other seeds), against the target formula."""
     train, steps, lr, bound = MOVE_SETTINGS[tiny_denoiser.info.architecture]
     config = EraseConfig(
-        erase=["a cat"], train=train, steps=steps, lr=lr, lora_rank=8, trajectories=4, sampler_steps=10
+        erase=["a cat"], contexts=["{}"], train=train, steps=steps, lr=lr, lora_rank=8, trajectories=4, sampler_steps=10
     )
     erasure = erase_concept(tiny_denoiser, config)
     held_out = TrajectoryCache.sample(
@@ -145,3 +156,5 @@ def test_bad_configs_are_refused_before_any_work():
         EraseConfig(erase=["a cat"], method="magic").objective()
     with pytest.raises(ValueError, match="one per erased concept"):
         EraseConfig(erase=["a", "b", "c"], into=["x", "y"])
+    with pytest.raises(ValueError, match="needs {} where the concept goes"):
+        EraseConfig(erase=["a cat"], contexts=["{}", "a photo"])

@@ -101,13 +101,16 @@ def test_held_out_trajectories_are_never_drawn_for_training(tiny_model_dirs, mon
     drawn = []
     draw_states = trainer.draw_states
     monkeypatch.setattr(trainer, "draw_states", lambda *a: drawn.append(draw_states(*a)) or drawn[-1])
-    erase_concept(denoiser, EraseConfig(erase=["a cat"], steps=30, trajectories=2, sampler_steps=3))
-    everything = seen["all"].latents["a cat"]
-    held = seen["held"].latents["a cat"].flatten(0, 1)
-    assert len(everything) == 2 + len(seen["held"].latents["a cat"])
+    config = EraseConfig(erase=["a cat"], contexts=["{}", "a photo of {}"], steps=30, trajectories=2, sampler_steps=3)
+    erase_concept(denoiser, config)
+    assert {e for draw in drawn for e in draw.erase} == {e for e, _ in config.prompt_pairs()}  # every context
     for draw in drawn:
-        assert not any(torch.equal(draw.x[0], state) for state in held)
-        assert any(torch.equal(draw.x[0], state) for state in everything.flatten(0, 1))
+        for row, erased in enumerate(draw.erase):
+            everything = seen["all"].latents[erased]
+            held = seen["held"].latents[erased].flatten(0, 1)
+            assert len(everything) == 2 + len(seen["held"].latents[erased])
+            assert not any(torch.equal(draw.x[row], state) for state in held)
+            assert any(torch.equal(draw.x[row], state) for state in everything.flatten(0, 1))
 
 
 def test_auto_steps_stop_at_the_threshold_or_the_maximum(tiny_model_dirs):

@@ -1,0 +1,63 @@
+"""Does erasing a concept in sentences help?  One erasure on ``builtin:shapes`` with the
+given contexts (docs/method.md, section 9), judged on the benchmark's sentences, per
+background.
+
+    python -m erase_engine.benchmarks.context_study --erase purple --contexts "{}" "a {} shape on a white background"
+
+Prints one JSON row: the steps auto took, the concept's share left (overall and per
+background), the judge's accuracy on the other concepts' sentences before and after, and
+the empty prompt's pixel drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..builtin import BUILTIN_MODEL
+from ..builtin.judge import load_judge
+from ..builtin.render import BACKGROUNDS
+from ..hosts.diffusers_loading import load_denoiser
+from ..parameters import EraseConfig
+from ..trainer import erase_concept
+from .efficacy import Concept, average, default_preserve, prompt_groups, sample
+
+SEED = 10_000  # the benchmark's sampling seed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m erase_engine.benchmarks.context_study", description=__doc__)
+    parser.add_argument("--erase", required=True, help="a shape or a color of the built-in model")
+    parser.add_argument("--contexts", nargs="+", default=["{}"], help="templates, {} where the concept goes")
+    parser.add_argument("--samples", type=int, default=72)
+    args = parser.parse_args(argv)
+    denoiser, judge = load_denoiser(BUILTIN_MODEL), load_judge()
+    concept = Concept.parse(args.erase)
+    head = 0 if concept.kind == "shape" else 1
+    erase, others = prompt_groups(concept, args.samples)
+    config = EraseConfig(erase=[args.erase], contexts=args.contexts, preserve=default_preserve(args.erase))
+    erasure = erase_concept(denoiser, config)
+
+    def judged(prompts: list[str], deltas=None):
+        return judge.classify(sample(denoiser, prompts, SEED, deltas))[head]
+
+    left = judged(erase.prompts, erasure.deltas) == concept.index
+    empty = [""] * args.samples
+    row = {
+        "erase": args.erase,
+        "contexts": config.contexts,
+        "steps": erasure.scores[-1][0],
+        "remaining": round(erasure.score.remaining, 3),
+        "erase_acc_after": average(left),
+        "by_background": {b: average(left[[b in p for p in erase.prompts]]) for b in BACKGROUNDS},
+        "others_acc_before": average(judged(others.prompts) == others.wanted(concept.kind)),
+        "others_acc_after": average(judged(others.prompts, erasure.deltas) == others.wanted(concept.kind)),
+        "uncond_pixel_drift": average(
+            (sample(denoiser, empty, SEED, erasure.deltas) - sample(denoiser, empty, SEED)).abs()
+        ),
+    }
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
