@@ -142,6 +142,7 @@ class EraseConfig:
         0.0,
         1e-7,
         1.0,
+        1e-5,  # the widget's step; finer values are typed (ComfyUI rounds to the minimum)
         unset=0.0,
         unset_means="auto",
     )
@@ -164,16 +165,6 @@ class EraseConfig:
     sampler_cfg: float = parameter(
         "Sampler CFG", "CFG scale of the trajectory sampler.", 3.0, 0.0, 30.0, 0.5, advanced=True, slider=True
     )
-    stop_at: float = parameter(
-        "Stop at remaining",
-        "Auto steps stop once the held-out remaining score (1: untouched, 0: erased) and uncond drift are at most this",
-        0.3,
-        0.01,
-        1.0,
-        0.01,
-        advanced=True,
-    )
-    max_steps: int = parameter("Max steps", "The most steps auto may take.", 400, 1, 100_000, advanced=True)
     resolution: int | None = parameter(
         "Resolution",
         "Image size in pixels the erasure trains at.",
@@ -195,6 +186,16 @@ class EraseConfig:
         unset_means="the rank",
         advanced=True,
     )
+    stop_at: float = parameter(
+        "Stop at remaining",
+        "Auto steps stop once the held-out remaining score (1: untouched, 0: erased) and uncond drift are at most this",
+        0.3,
+        0.01,
+        1.0,
+        0.01,
+        advanced=True,
+    )
+    max_steps: int = parameter("Max steps", "The most steps auto may take.", 400, 1, 100_000, advanced=True)
     contexts: list[str] = parameter(
         "Contexts (one per line; {} stands for the concept)",
         "Sentences to erase the concept in as well, as your prompts use it (the words after a concept carry it).",
