@@ -24,7 +24,7 @@ OUT_OF_MEMORY_HINT = (
 # fraction of its RMS (docs/method.md, section 8; chosen on the built-in benchmark).
 RELATIVE_STEP = 1e-2
 CHECK_EVERY = 20  # training steps between two held-out scores
-PAIRS_PER_STEP = 4  # erased prompts per training step (a concept in its default contexts: all of them)
+PAIRS_PER_STEP = 4  # erased prompts (concepts in contexts) trained together in one step
 BROKEN_MODEL_HINT = "the model file is damaged, or it runs in a precision too low for it (try full precision)"
 
 
