@@ -49,11 +49,17 @@ def figure_image(figure: Figure) -> Image.Image:
 def grid_image(
     prompts: list[str], before: torch.Tensor, after: torch.Tensor, seeds: list[int] | None = None
 ) -> Image.Image:
-    """One row pair per prompt, 'original' above 'erased', a column per seed; small samples are
-    scaled up by a whole factor without smoothing, and each row's prompt is written out whole."""
-    rows, columns = 2 * len(prompts), before.shape[1]
-    scale = max(1, -(-TILE // before.shape[-1]))
-    tile_h, tile_w = before.shape[-2] * scale, before.shape[-1] * scale
+    """One row pair per prompt, 'original' above 'erased', a column per seed."""
+    return versions_grid(prompts, {"original": before, "erased": after}, seeds)
+
+
+def versions_grid(prompts: list[str], versions: dict[str, torch.Tensor], seeds: list[int] | None = None) -> Image.Image:
+    """A row per version (tensors [P, N, C, H, W]) for each prompt, a column per seed; small
+    samples are scaled up by a whole factor without smoothing, and each prompt is written out whole."""
+    first = next(iter(versions.values()))
+    rows, columns = len(versions) * len(prompts), first.shape[1]
+    scale = max(1, -(-TILE // first.shape[-1]))
+    tile_h, tile_w = first.shape[-2] * scale, first.shape[-1] * scale
     width, height = LABEL_WIDTH + columns * tile_w, HEADER + rows * tile_h
     figure = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
     for c in range(columns):
@@ -62,8 +68,8 @@ def grid_image(
             (LABEL_WIDTH + (c + 0.5) * tile_w) / width, 1 - HEADER / 2 / height, label, ha="center", va="center"
         )
     for p, prompt in enumerate(prompts):
-        for r, (label, images) in enumerate((("original", before), ("erased", after))):
-            top = HEADER + (2 * p + r) * tile_h
+        for r, (label, images) in enumerate(versions.items()):
+            top = HEADER + (len(versions) * p + r) * tile_h
             text = (textwrap.fill(prompt or "(empty prompt)", 24) + "\n") if r == 0 else ""
             figure.text(
                 8 / width, 1 - (top + tile_h / 2) / height, f"{text}{label}", va="center", fontsize=10,

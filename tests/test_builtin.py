@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from erase_engine import EraseConfig, load_denoiser
 from erase_engine.benchmarks import efficacy as bench
-from erase_engine.builtin.judge import accuracy, foreground_mask, load_judge, mask_iou
+from erase_engine.builtin.judge import accuracy, centroids, foreground_mask, layout_kept, load_judge, mask_iou
 from erase_engine.builtin.render import SHAPES, Scenes, render, shape_masks
 
 
@@ -45,6 +46,35 @@ def test_foreground_mask_finds_the_rendered_shape():
     y = (v[None] - scenes.center[:, 1, None, None]) / scenes.scale[:, None, None]
     truth = shape_masks(scenes.shape, x, y)  # pixel centres inside the shape
     assert float(mask_iou(foreground_mask(render(scenes)), truth).mean()) > 0.85
+
+
+def test_centroids_are_the_centre_of_the_marked_pixels():
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, 4:9, 10:13] = True  # rows 4..8, columns 10..12
+    assert centroids(masks)[0].tolist() == [6.0, 11.0]
+    assert centroids(masks)[1].isnan().all()  # nothing drawn: no centre
+
+
+def test_layout_kept_tells_a_changed_concept_from_a_moved_picture(judge):
+    """Its validation on renders: the same scene with the erased attribute swapped keeps the
+    layout; the same prompt redrawn (another place and size), or the kept attribute changed,
+    does not."""
+    count, generator = 512, torch.Generator().manual_seed(8)
+    scenes = Scenes.random(count, generator)
+    other = torch.remainder(scenes.shape + torch.randint(1, 6, (count,), generator=generator), 6)
+    before = render(scenes)
+
+    def kept(changed: Scenes, erased_kind: str) -> float:
+        return float(layout_kept(judge, before, render(changed), erased_kind).float().mean())
+
+    assert kept(replace(scenes, shape=other), "shape") >= 0.95  # a perfect shape replacement
+    assert kept(replace(scenes, color=torch.remainder(scenes.color + 1, 6)), "color") >= 0.95
+    assert kept(scenes, "shape") == 1.0
+    redrawn = replace(Scenes.random(count, generator), shape=scenes.shape, color=scenes.color)
+    assert kept(replace(redrawn, background=scenes.background), "shape") <= 0.15
+    assert kept(replace(scenes, shape=other, color=torch.remainder(scenes.color + 1, 6)), "shape") <= 0.05
+    assert kept(replace(scenes, shape=other, background=torch.remainder(scenes.background + 1, 3)), "shape") == 0.0
+    assert kept(replace(scenes, color=torch.remainder(scenes.color + 1, 6)), "shape") <= 0.05  # the wrong kind
 
 
 def test_the_model_draws_what_it_is_asked(shapes, judge):
@@ -94,3 +124,38 @@ def test_purify_command_round_trip(shapes, judge, tmp_path):
     assert out.shape == star.shape
     assert int(judge.classify(out)[0][0]) != SHAPES.index("star")
     assert float(mask_iou(foreground_mask(star), foreground_mask(out))[0]) > 0.3
+
+
+def test_compare_runs_each_method_until_the_judge_sees_the_concept_erased(monkeypatch, tmp_path, capsys):
+    """``bench --compare``'s equal erasure, with the benchmark's runs stood in for: a method
+    still showing the concept gets twice the steps, up to ``MOST_STEPS``, and the output says
+    where each stopped."""
+    from erase_engine.frontends.cli import bench_main
+
+    runs = []
+
+    def run_bench(denoiser, judge, config, samples):
+        steps = config.steps or 400  # the defaults' auto run stops at 400 here
+        runs.append((config.erase[0], config.method, steps))
+        left = {"surgical": 0.0, "esd": 0.2 * 400 / steps if config.erase == ["star"] else 0.5}[config.method]
+        row = dict.fromkeys(bench.TABLE_KEYS, 0.5) | {"steps": steps, "erase_acc_after": left}
+        row |= {"erase": config.erase[0], "into": config.into[0] if config.into else None, "method": config.method}
+        images = {name: torch.full((8, 3, 32, 32), left) for name in ("erase_before", "erase_after")}
+        return row, images
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    grid = tmp_path / "methods.png"
+    pairs = ["--erase", "star", "--into", "", "--erase", "star", "--into", "heart", "--erase", "heart"]
+    assert bench_main(["--compare", *pairs, "--grid", str(grid)]) == 0
+    # esd's row for star -> heart is its plain erasure of star, run once
+    assert runs == [
+        ("star", "surgical", 400), ("star", "esd", 400), ("star", "esd", 800), ("star", "esd", 1600),
+        ("star", "surgical", 400),
+        ("heart", "surgical", 400), *[("heart", "esd", s) for s in (400, 800, 1600, 3200, bench.MOST_STEPS)],
+    ]  # fmt: skip
+    out = capsys.readouterr().out
+    assert "star, esd: erased: 0.05 left after 1600 steps" in out
+    assert f"heart, esd: NOT erased: 0.50 left after {bench.MOST_STEPS} steps" in out
+    assert "star -> heart, surgical: erased: 0.00 left after 400 steps" in out
+    tile = 32 * -(-128 // 32)
+    assert Image.open(grid).height == 28 + 3 * tile  # original, surgical, esd

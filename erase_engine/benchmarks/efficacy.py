@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..builtin.judge import Judge, box_iou, foreground_mask, mask_iou
+from ..builtin.judge import Judge, box_iou, foreground_mask, layout_kept, mask_iou
 from ..builtin.render import BACKGROUNDS, COLORS, SHAPES, Scenes, prompt, render
 from ..denoiser import Denoiser
 from ..parameters import EraseConfig
 from ..purify import purify
-from ..report import grid_image
+from ..report import grid_image, versions_grid
 from ..sampling import generate
 from ..trainer import Erasure, erase_concept
 
@@ -130,6 +130,9 @@ def judge_erasure(
     preserve_after = judge.classify(images["preserve_after"])[head]
     wanted = preserve.wanted(concept.kind)
     masks_before, masks_after = foreground_mask(images["erase_before"]), foreground_mask(images["erase_after"])
+    # layout_kept's two references: the preserve prompts (barely touched: near 1) and the
+    # original model drawing the erase prompts again from other seeds (low)
+    images["erase_reseeded"] = sample(denoiser, erase.prompts, seed + samples)
 
     # purification: generated images of the concept (original model) treated as real inputs
     inputs = images["erase_before"][:purify_samples]
@@ -144,6 +147,13 @@ def judge_erasure(
         "layout_iou": average(mask_iou(masks_before, masks_after)),
         "layout_iou_ceiling": outline_iou_ceiling(concept, into),
         "layout_box_iou": average(box_iou(masks_before, masks_after)),
+        "layout_kept": average(layout_kept(judge, images["erase_before"], images["erase_after"], concept.kind)),
+        "preserve_layout_kept": average(
+            layout_kept(judge, images["preserve_before"], images["preserve_after"], concept.kind)
+        ),
+        "reseed_layout_kept": average(
+            layout_kept(judge, images["erase_before"], images["erase_reseeded"], concept.kind)
+        ),
         "color_kept": average(erase_after[1] == erase.wanted("color")) if concept.kind == "shape" else None,
         "preserve_acc_before": average(preserve_before == wanted),
         "preserve_acc_after": average(preserve_after == wanted),
@@ -186,12 +196,42 @@ def run_bench(
     return result, images
 
 
+ERASED = 0.05  # erase_acc_after at or below which the judge counts the concept as erased
+MOST_STEPS = 6400  # the longest run equal erasure may ask for
+
+
+def run_bench_until_erased(
+    denoiser: Denoiser,
+    judge: Judge,
+    config: EraseConfig,
+    samples: int = 72,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``run_bench`` at ``config``; while the judge still sees the concept in more than
+    ``ERASED`` of the samples, again with twice the steps (up to ``MOST_STEPS``), so that
+    methods are compared where each has erased it.  The row's ``erased`` says how it ended."""
+    row, images = run_bench(denoiser, judge, config, samples)
+    while row["erase_acc_after"] > ERASED and row["steps"] < MOST_STEPS:
+        longer = replace(config, steps=min(2 * row["steps"], MOST_STEPS))
+        row, images = run_bench(denoiser, judge, longer, samples)
+    left = f"{row['erase_acc_after']:.2f} left after {row['steps']} steps"
+    row["erased"] = f"erased: {left}" if row["erase_acc_after"] <= ERASED else f"NOT erased: {left}"
+    return row, images
+
+
 def bench_grid(images: dict[str, torch.Tensor], columns: int = 8):
     """Original above erased for the first erase-prompt and preserve-prompt samples."""
     rows = ["erase", "preserve", "uncond"]
     before = torch.stack([images[f"{r}_before"][:columns] for r in rows])
     after = torch.stack([images[f"{r}_after"][:columns] for r in rows])
     return grid_image(["erase prompts", "other concepts", "empty prompt"], before, after)
+
+
+def methods_grid(images: dict[str, dict[str, torch.Tensor]], erase: str, columns: int = 8):
+    """The same seeds of the erase prompts: the original model, then a row per method."""
+    first = next(iter(images.values()))
+    versions = {"original": first["erase_before"][:columns]}
+    versions.update({method: shown["erase_after"][:columns] for method, shown in images.items()})
+    return versions_grid([f"prompts with {erase!r}"], {k: v[None] for k, v in versions.items()})
 
 
 TABLE_KEYS = (
@@ -203,6 +243,8 @@ TABLE_KEYS = (
     "layout_iou",
     "layout_iou_ceiling",
     "layout_box_iou",
+    "layout_kept",
+    "preserve_layout_kept",
     "color_kept",
     "preserve_acc_before",
     "preserve_acc_after",

@@ -195,11 +195,15 @@ def bench_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="erase-concept bench", description=bench.__doc__)
     add_parameter_arguments(parser, erase_required=False)
-    parser.add_argument("--compare", action="store_true", help="run surgical and esd side by side")
+    parser.add_argument(
+        "--compare", action="store_true", help="run surgical and esd side by side, each until the judge sees it erased"
+    )
     # without --preserve, the other shapes (or colors) are preserved
     parser.add_argument("--samples", type=int, default=72, help="samples per prompt group (>= 64)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--grid", type=Path, metavar="FILE.png", help="before/after picture of the (first) erasure")
+    parser.add_argument(
+        "--grid", type=Path, metavar="FILE.png", help="before/after picture of the first erasure (--compare: by method)"
+    )
     args = parser.parse_args(argv)
     if not args.erase and not args.compare:
         parser.error("give --erase TEXT, or --compare for the default set of concepts")
@@ -212,18 +216,30 @@ def bench_main(argv: list[str]) -> int:
     pairs = list(zip(args.erase, padded_into, strict=False)) if args.erase else COMPARE_DEFAULTS
     methods = ["surgical", "esd"] if args.compare else [args.method]
     denoiser, judge = load_model(BUILTIN_MODEL, args.device), load_judge()
-    rows = []
+    run = bench.run_bench_until_erased if args.compare else bench.run_bench
+    rows, done, first_images = [], {}, {}
     for (erase, into), method in ((p, m) for p in pairs for m in methods):
         into_list = [into] if into and method != "esd" else []
         preserve = args.preserve or bench.default_preserve(erase)
         config = config_from_args(args, erase=[erase], into=into_list, preserve=preserve, method=method)
-        print(f"bench: erasing {erase!r}{f' into {into!r}' if config.into else ''} with {method} ...", file=sys.stderr)
-        row, images = bench.run_bench(denoiser, judge, config, samples=args.samples)
+        key = (erase, tuple(into_list), method)
+        if key not in done:  # esd's row for an "into" pair is its plain erasure, run once
+            what = f"{erase!r}{f' into {into!r}' if config.into else ''} with {method}"
+            print(f"bench: erasing {what} ...", file=sys.stderr)
+            done[key] = run(denoiser, judge, config, samples=args.samples)
+            print(json.dumps(done[key][0]), file=sys.stderr)
+        row, images = done[key]
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
-        if args.grid is not None and len(rows) == 1:
-            bench.bench_grid(images).save(args.grid)
+        if (erase, into) == pairs[0]:
+            first_images[method] = images
+    if args.grid is not None:
+        if args.compare:
+            bench.methods_grid(first_images, pairs[0][0]).save(args.grid)
+        else:
+            bench.bench_grid(first_images[methods[0]]).save(args.grid)
     print(bench.comparison_table(rows))
+    for row in rows if args.compare else []:  # equal erasure: whether each row got there
+        print(f"{row['erase']}{' -> ' + row['into'] if row['into'] else ''}, {row['method']}: {row['erased']}")
     if args.json is not None:
         args.json.write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     return 0
