@@ -25,6 +25,24 @@ class Objective:
     lambda_u: float
     lambda_p: float
     allows_alternative: bool = True
+    # The top fraction of the noise levels (where the layout forms) at which the erased prompt
+    # keeps the frozen model's prediction; the guidance is rewritten below it (section 10).
+    keep_layout: float = 0.0
+
+    def target(
+        self,
+        uncond: torch.Tensor,
+        erase: torch.Tensor,
+        t: torch.Tensor,
+        num_timesteps: int,
+        alternative: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The erased prompt's target at timesteps ``t`` (one per row), from the frozen model's outputs."""
+        target = erase_target(uncond, erase, self.eta, alternative)
+        if not self.keep_layout:
+            return target
+        forming = t.to(erase.device).float() >= (1 - self.keep_layout) * num_timesteps
+        return torch.where(forming.view(-1, *[1] * (erase.ndim - 1)), erase, target)
 
 
 PRESETS = {
@@ -37,12 +55,17 @@ PRESETS = {
 
 
 def make_objective(
-    method: str, eta: float | None = None, lambda_u: float | None = None, lambda_p: float | None = None
+    method: str,
+    eta: float | None = None,
+    lambda_u: float | None = None,
+    lambda_p: float | None = None,
+    keep_layout: float | None = None,
 ) -> Objective:
     """A preset with any coefficient overridden."""
     if method not in PRESETS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(PRESETS)}")
-    overrides = {k: v for k, v in {"eta": eta, "lambda_u": lambda_u, "lambda_p": lambda_p}.items() if v is not None}
+    given = {"eta": eta, "lambda_u": lambda_u, "lambda_p": lambda_p, "keep_layout": keep_layout}
+    overrides = {k: v for k, v in given.items() if v is not None}
     return replace(PRESETS[method], **overrides)
 
 

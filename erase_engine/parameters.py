@@ -203,6 +203,16 @@ class EraseConfig:
         multiline=True,
         advanced=True,
     )
+    keep_layout: float = parameter(
+        "Keep layout",
+        "The top fraction of noise levels (where an image's layout forms) at which the concept keeps its original "
+        "prediction: 0.4 keeps an erased object's place and size; a color or style also forms there and then stays.",
+        0.0,
+        0.0,
+        0.9,
+        0.05,
+        advanced=True,
+    )
 
     def __post_init__(self) -> None:
         for spec in PARAMETERS:  # a form's "unset" value stands for None here too
@@ -244,7 +254,7 @@ class EraseConfig:
                 spec.check(getattr(self, spec.name))
 
     def objective(self) -> Objective:
-        objective = make_objective(self.method, self.eta, self.lambda_u, self.lambda_p)
+        objective = make_objective(self.method, self.eta, self.lambda_u, self.lambda_p, self.keep_layout)
         if any(self.into) and not objective.allows_alternative:
             raise ValueError(f"the {self.method!r} method erases without an alternative; drop --into")
         return objective

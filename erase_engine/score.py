@@ -24,7 +24,7 @@ import torch
 
 from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
-from .objective import Objective, erase_target
+from .objective import Objective
 from .sampling import TrajectoryCache
 
 HELD_OUT_TRAJECTORIES = 2  # per prompt, never drawn by training
@@ -76,7 +76,9 @@ class ScoreProbe:
         for erase, into in pairs:
             x, t, outputs = held_out.states(erase, LEVELS)
             alternative = self._output(into, x, t) if into else None
-            targets.append(erase_target(outputs[:, 0], outputs[:, 1], objective.eta, alternative))
+            targets.append(
+                objective.target(outputs[:, 0], outputs[:, 1], t, denoiser.schedule.num_timesteps, alternative)
+            )
             teacher_uncond.append(outputs[:, 0])
             teacher_erase.append(outputs[:, 1])
             self.erase_states.append((erase, x, t))

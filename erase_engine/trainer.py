@@ -12,7 +12,7 @@ import torch
 
 from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
-from .objective import Objective, erase_target, surgery_loss
+from .objective import Objective, surgery_loss
 from .parameters import EraseConfig
 from .sampling import TrajectoryCache
 from .score import HELD_OUT_TRAJECTORIES, Score, ScoreProbe
@@ -261,7 +261,9 @@ def teacher_target(denoiser: Denoiser, objective: Objective, draw: Draw, cond: d
         with torch.no_grad():
             into = Conditioning.cat([cond[draw.into[i]] for i in rows])
             alternative[rows] = denoiser.output(draw.x[rows], draw.t[rows], into)
-    return erase_target(draw.teacher_uncond, draw.teacher_erase, objective.eta, alternative)
+    return objective.target(
+        draw.teacher_uncond, draw.teacher_erase, draw.t, denoiser.schedule.num_timesteps, alternative
+    )
 
 
 def student_outputs(

@@ -31,8 +31,11 @@ def raw_unet(denoiser, x, t, prompt):
     return denoiser.unet(x, t, encoder_hidden_states=cond.context, added_cond_kwargs=extras).sample
 
 
-@pytest.mark.parametrize("method, into", [("esd", ""), ("surgical", ""), ("surgical", "a dog")])
-def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, into, monkeypatch):
+@pytest.mark.parametrize(
+    "method, into, keep_layout",
+    [("esd", "", 0.0), ("surgical", "", 0.0), ("surgical", "a dog", 0.0), ("surgical", "a dog", 0.2)],
+)
+def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, into, keep_layout, monkeypatch):
     from erase_engine import load_denoiser
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
@@ -45,6 +48,7 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
         steps=1,
         trajectories=2,
         sampler_steps=4,
+        keep_layout=keep_layout,
     )
     erasure = erase_concept(denoiser, config)
     draw = draws[0]  # the states the training step drew: the concept in each context, a row each
@@ -61,11 +65,26 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
         else:  # docs/method.md, section 1: e*(x,0) + g*(x,c_a) - eta g*(x,c_e)
             e_dog = raw_unet(denoiser, x_t, t, alternative) if into else e_uncond
             target = e_uncond + (e_dog - e_uncond) - eta * (e_cat - e_uncond)
+        if int(t) >= (1 - keep_layout) * 1000:  # section 10: the layout's noise levels keep the concept's prediction
+            target = e_cat
         squared_errors.append((e_cat - target) ** 2)
+    if keep_layout:  # the states drawn (t 999 and 749 here) fall on both sides of the threshold
+        assert len({int(t) >= (1 - keep_layout) * 1000 for t in draw.t}) == 2
     # at step one the student equals the teacher, so only the erase term is non-zero
     expected = torch.cat(squared_errors).mean()
     assert erasure.losses[0]["erase"] == pytest.approx(float(expected), rel=1e-4)
     assert erasure.losses[0].get("uncond", 0.0) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_keep_layout_keeps_the_prediction_at_the_top_noise_levels_only():
+    uncond, erase, alternative = torch.zeros(4, 2, 3, 3), torch.ones(4, 2, 3, 3), torch.full((4, 2, 3, 3), 5.0)
+    t = torch.tensor([999, 600, 599, 0])
+    target = make_objective("surgical", keep_layout=0.4).target(uncond, erase, t, 1000, alternative)
+    rewritten = 0 + (5 - 0) - 1.0 * (1 - 0)  # e*(x,0) + g*(x,c_a) - eta g*(x,c_e)
+    assert [float(row.unique()) for row in target] == [1.0, 1.0, rewritten, rewritten]
+    assert torch.equal(
+        make_objective("surgical").target(uncond, erase, t, 1000, alternative), torch.full_like(erase, 4)
+    )
 
 
 @pytest.mark.parametrize("train", ["xattn", "xattn-kv", "noxattn", "full"])
