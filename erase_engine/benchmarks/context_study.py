@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     erasure = erase_concept(denoiser, config)
     metrics, images = judge_erasure(judge, erasure, concept, None, args.samples, SEED)
     prompts = prompt_groups(concept, args.samples)[0].prompts  # the sentences behind images["erase_after"]
-    left = judge.classify(images["erase_after"])[0 if concept.kind == "shape" else 1] == concept.index
+    left = judge.classify(images["erase_after"])[concept.head] == concept.index
     row = {
         "erase": args.erase,
         "contexts": config.contexts,

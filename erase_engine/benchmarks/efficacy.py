@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..builtin.judge import Judge, box_iou, foreground_mask, layout_kept, mask_iou
+from ..builtin.judge import HEADS, Judge, box_iou, foreground_mask, layout_kept, mask_iou
 from ..builtin.render import BACKGROUNDS, COLORS, SHAPES, Scenes, prompt, render
 from ..denoiser import Denoiser
 from ..parameters import EraseConfig
@@ -31,6 +31,11 @@ SAMPLE_CFG = 5.0
 class Concept:
     kind: str  # "shape" or "color"
     index: int
+
+    @property
+    def head(self) -> int:
+        """The judge's output (and scene attribute) that names this kind of concept."""
+        return HEADS.index(self.kind)
 
     @staticmethod
     def parse(text: str) -> Concept:
@@ -72,8 +77,8 @@ def prompt_groups(concept: Concept, samples: int) -> tuple[Group, Group]:
     its kind, cycled to ``samples`` prompts each (one seed per sample)."""
     erase, preserve = Group(), Group()
     combos = list(itertools.product(range(len(SHAPES)), range(len(COLORS)), BACKGROUNDS))
-    mine = [c for c in combos if (c[0] if concept.kind == "shape" else c[1]) == concept.index]
-    others = [c for c in combos if (c[0] if concept.kind == "shape" else c[1]) != concept.index]
+    mine = [c for c in combos if c[concept.head] == concept.index]
+    others = [c for c in combos if c[concept.head] != concept.index]
     for group, pool in ((erase, mine), (preserve, others)):
         for i in range(samples):
             group.add(*pool[(i * 7) % len(pool)])  # a stride that walks the whole pool
@@ -123,7 +128,7 @@ def judge_erasure(
     for name, prompts in (("erase", erase.prompts), ("preserve", preserve.prompts), ("uncond", [""] * samples)):
         images[f"{name}_before"] = sample(denoiser, prompts, seed)
         images[f"{name}_after"] = sample(denoiser, prompts, seed, erasure.deltas)
-    head = 0 if concept.kind == "shape" else 1
+    head = concept.head
     erase_before = judge.classify(images["erase_before"])
     erase_after = judge.classify(images["erase_after"])
     preserve_before = judge.classify(images["preserve_before"])[head]

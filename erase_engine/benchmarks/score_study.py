@@ -54,7 +54,7 @@ def run(concepts: list[str], step_counts: tuple[int, ...], samples: int) -> list
     rows = []
     for erase in concepts:
         concept = Concept.parse(erase)
-        head = 0 if concept.kind == "shape" else 1
+        head = concept.head
         prompts = prompt_groups(concept, samples)[0].prompts
         for steps in step_counts:
             erasure = erase_concept(denoiser, EraseConfig(erase=[erase], preserve=default_preserve(erase), steps=steps))

@@ -17,6 +17,8 @@ from torch import nn
 from . import JUDGE_WEIGHTS
 from .render import COLORS, SHAPES, Scenes, render
 
+HEADS = ("shape", "color")  # what the judge's outputs are, in order
+
 
 class Judge(nn.Module):
     """Images [B, 3, 32, 32] in [0, 1] -> (shape logits [B, 6], color logits [B, 6])."""
@@ -121,8 +123,8 @@ def layout_kept(judge: Judge, before: torch.Tensor, after: torch.Tensor, erased_
     empty_before, empty_after = ~masks_before.flatten(1).any(1), ~masks_after.flatten(1).any(1)
     placed = (moved <= CENTROID_TOLERANCE) & (resized <= BOX_AREA_TOLERANCE) | (empty_before & empty_after)
     background = (border_color(before) - border_color(after)).abs().amax(1) <= BACKGROUND_TOLERANCE
-    kept_head = 1 if erased_kind == "shape" else 0  # the classifier head that must not change
-    same = judge.classify(before)[kept_head] == judge.classify(after)[kept_head]
+    kept = 1 - HEADS.index(erased_kind)  # the other head: what must not change
+    same = judge.classify(before)[kept] == judge.classify(after)[kept]
     return placed & background & same
 
 
