@@ -65,7 +65,9 @@ def test_layout_kept_tells_a_changed_concept_from_a_moved_picture(judge):
     before = render(scenes)
 
     def kept(changed: Scenes, erased_kind: str) -> float:
-        return float(layout_kept(judge, before, render(changed), erased_kind).float().mean())
+        fraction = float(layout_kept(judge, before, render(changed), erased_kind).float().mean())
+        print(f"layout kept ({erased_kind} erased): {fraction:.3f}")  # README quotes these
+        return fraction
 
     assert kept(replace(scenes, shape=other), "shape") >= 0.95  # a perfect shape replacement
     assert kept(replace(scenes, color=torch.remainder(scenes.color + 1, 6)), "color") >= 0.95

@@ -104,8 +104,8 @@ def centroids(masks: torch.Tensor) -> torch.Tensor:
 
 
 # layout_kept's tolerances, on 32-px images.  A perfect replacement (the same scene rendered
-# with another shape) is within them 99 % of the time; the same prompt drawn again with
-# another seed, 8 % (tests/test_builtin.py measures both).
+# with another shape) is within them 99.8 % of the time; the same prompt drawn again in
+# another place and size, 7.4 % (tests/test_builtin.py prints both, on 512 renders).
 CENTROID_TOLERANCE = 3.0  # pixels
 BOX_AREA_TOLERANCE = 1.65  # the larger box area over the smaller
 BACKGROUND_TOLERANCE = 0.15  # largest channel difference of the border's median color
