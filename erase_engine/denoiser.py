@@ -126,6 +126,15 @@ class Denoiser(ABC):
     def encode(self, prompts: list[str]) -> Conditioning:
         """Text conditioning for a list of prompts (empty string: unconditional)."""
 
+    def encode_with_embedding(self, prompts: list[str], word: str, vectors: list[torch.Tensor]) -> Conditioning:
+        """``encode``, differentiable, with the k-th occurrence of the one-token ``word`` in a prompt
+        replaced by ``vectors[i][k]`` in text encoder i (a textual-inversion embedding)."""
+        raise NotImplementedError(f"learning a token embedding is not supported on {type(self).__name__} models yet")
+
+    def word_vectors(self, text: str) -> list[torch.Tensor]:
+        """Each text encoder's input embeddings of ``text``'s tokens ([tokens, width] each)."""
+        raise NotImplementedError(f"reading token embeddings is not supported on {type(self).__name__} models yet")
+
     @abstractmethod
     def _predict(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, weights: dict[str, torch.Tensor]

@@ -12,6 +12,7 @@ import math
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .adversary import check_no_placeholder, placeholders
 from .layers import TRAINABLE_SETS
 from .objective import PRESETS, Objective, make_objective
 
@@ -214,6 +215,15 @@ class EraseConfig:
         advanced=True,
     )
 
+    robust: str = parameter(
+        "Robust to attacks",
+        "on: while erasing, keep learning a word embedding that brings the concept back (a textual-inversion "
+        "attack) and erase the concept under it too; about twice the time.",
+        "off",
+        choices=("off", "on"),
+        advanced=True,
+    )
+
     def __post_init__(self) -> None:
         for spec in PARAMETERS:  # a form's "unset" value stands for None here too
             value = getattr(self, spec.name)
@@ -246,6 +256,8 @@ class EraseConfig:
             raise ValueError(
                 f"the preserve prompt {in_context[0]!r} is a concept in one of the contexts; remove it or that context"
             )
+        if self.robust == "on":
+            check_no_placeholder([*self.erase, *self.into, *self.preserve, *self.contexts])
         longest = max([*(p for pair in self.prompt_pairs() for p in pair), *self.preserve], key=len)
         if len(longest) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompts are limited to {MAX_PROMPT_CHARS} characters, one has {len(longest)}")
@@ -270,6 +282,15 @@ class EraseConfig:
             for erase, into in self.pairs()
             for context in self.contexts
         ]
+
+    def adversarial_prompts(self, tokens: int) -> dict[str, tuple[str, str]]:
+        """For a robust erasure: each erased prompt -> (its concept, the same sentence with the
+        adversary's ``tokens`` placeholders in the concept's place)."""
+        return {
+            context.replace("{}", erase): (erase, context.replace("{}", placeholders(tokens)))
+            for erase in self.erase
+            for context in self.contexts
+        }
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .attack import Attack
+from .deltas import WeightDeltas
+from .denoiser import Denoiser
 from .sampling import generate
 from .trainer import Erasure
 
@@ -152,6 +156,51 @@ def write_report(
         "pixel_change": {p: float(d) for p, d in zip(prompts, drift, strict=True)},
         "seeds": seeds,
         "outputs": outputs or {},
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return folder
+
+
+def write_attack_report(
+    folder: str | Path,
+    denoiser: Denoiser,
+    deltas: WeightDeltas,
+    attack: Attack,
+    extra: dict | None = None,
+    seeds: list[int] | None = None,
+    steps: int = 25,
+    cfg_scale: float = 7.5,
+) -> Path:
+    """attack.png (for each context: the original model asked for the concept, the erased model
+    asked for it, the erased model asked with the embedding; same seeds) and summary.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = attack.config
+    seeds = seeds or [config.seed + i for i in range(4)]
+    concepts, attacks = zip(*config.prompt_pairs(), strict=True)
+    asked = [p for p in concepts for _ in seeds]
+    every_seed = seeds * len(concepts)
+    resolution = config.resolution
+    rows = {
+        "original": generate(denoiser, asked, every_seed, steps, cfg_scale, None, resolution),
+        "erased": generate(denoiser, asked, every_seed, steps, cfg_scale, deltas, resolution),
+        "erased + attack": generate(
+            denoiser, attack.condition(denoiser, [p for p in attacks for _ in seeds]), every_seed, steps, cfg_scale,
+            deltas, resolution,
+        ),
+    }  # fmt: skip
+    shaped = {name: images.reshape(len(concepts), len(seeds), *images.shape[1:]) for name, images in rows.items()}
+    versions_grid(list(concepts), shaped, seeds).save(folder / "attack.png")
+    summary = {
+        "base_model": denoiser.info.name,
+        "architecture": denoiser.info.architecture,
+        "config": asdict(config),
+        "recovered": attack.recovered,
+        "seconds": attack.seconds,
+        "first_loss": attack.losses[0],
+        "final_loss": attack.losses[-1],
+        "seeds": seeds,
+        **(extra or {}),
     }
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return folder

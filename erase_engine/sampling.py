@@ -100,18 +100,19 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
 
 def generate(
     denoiser: Denoiser,
-    prompts: list[str],
+    prompts: list[str] | Conditioning,
     seeds: list[int],
     steps: int,
     cfg_scale: float,
     deltas: WeightDeltas | None = None,
     resolution: int | None = None,
 ) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1], sample i of ``prompts[i]`` from seed ``seeds[i]``: with
-    and without ``deltas``, the same seeds give the same starting noise."""
+    """Images [B, 3, H, W] in [0, 1], sample i of ``prompts[i]`` (text, or its conditioning
+    already computed) from seed ``seeds[i]``: with and without ``deltas``, the same seeds give
+    the same starting noise."""
     noise = seeded_noise(denoiser.latent_shape(resolution), seeds).to(denoiser.device, denoiser.dtype)
-    cond = denoiser.encode(prompts).to(denoiser.device)
-    latents, _, _ = ddim_sample(denoiser, cond, noise, steps, cfg_scale, deltas)
+    cond = prompts if isinstance(prompts, Conditioning) else denoiser.encode(prompts)
+    latents, _, _ = ddim_sample(denoiser, cond.to(denoiser.device), noise, steps, cfg_scale, deltas)
     return denoiser.decode(latents).cpu()
 
 

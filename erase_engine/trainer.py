@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adversary import Adversary
 from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
 from .objective import Objective, surgery_loss
@@ -25,6 +26,12 @@ OUT_OF_MEMORY_HINT = (
 RELATIVE_STEP = 1e-2
 CHECK_EVERY = 20  # training steps between two held-out scores
 PAIRS_PER_STEP = 4  # erased prompts (concepts in contexts) trained together in one step
+# A robust erasure: every ADVERSARY_EVERY steps, ADVERSARY_STEPS steps of a one-token attack on
+# the current deltas (warm-started: the attack grows with the erasure), of ADVERSARY_BATCH states each.
+ADVERSARY_EVERY = 10
+ADVERSARY_STEPS = 10
+ADVERSARY_TOKENS = 1
+ADVERSARY_BATCH = 4
 BROKEN_MODEL_HINT = "the model file is damaged, or it runs in a precision too low for it (try full precision)"
 
 
@@ -66,6 +73,22 @@ class Progress:
 
 
 ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a host gives a long run: a progress callback and a stop request, both optional."""
+
+    progress: ProgressFn | None = None
+    should_stop: Callable[[], bool] | None = None
+
+    def stop_if_asked(self, phase: str, step: int, total: int) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise ErasureCancelled(f"stopped while {phase}, after {step} of {total} steps")
+
+    def report(self, phase: str, step: int, total: int, losses: dict[str, float], score: Score | None = None) -> None:
+        if self.progress is not None:
+            self.progress(Progress(phase, step, total, losses, score))
 
 
 @dataclass
@@ -111,13 +134,8 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     pick = random.Random(config.seed)
     started = time.perf_counter()
 
-    def stop_if_asked(phase: str, step: int, total: int) -> None:
-        if should_stop is not None and should_stop():
-            raise ErasureCancelled(f"stopped while {phase}, after {step} of {total} steps")
-
-    def report(phase: str, step: int, total: int, losses: dict[str, float], score: Score | None = None) -> None:
-        if progress is not None:
-            progress(Progress(phase, step, total, losses, score))
+    hooks = RunHooks(progress, should_stop)
+    stop_if_asked, report = hooks.stop_if_asked, hooks.report
 
     def sampler_step(done: int, total: int) -> None:
         report("sampling", done, total, {})
@@ -140,11 +158,17 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
 
     most = config.steps or config.max_steps
     losses, scores = [], [(0, probe.score(deltas))]
+    adversaries = Adversaries(denoiser, config) if config.robust == "on" else None
     for step in range(most):
         stop_if_asked("training", step, most)
+        if adversaries is not None and step % ADVERSARY_EVERY == 0:
+            adversaries.attack(deltas, cache, pick, generator)
         draw = draw_states(cache, config, preserve, pick, generator)
         target = teacher_target(denoiser, objective, draw, cond)
-        student = student_outputs(denoiser, deltas, objective, draw, cond)
+        student = student_outputs(denoiser, deltas, objective, draw, cond, adversaries)
+        if "adversary" in student:  # the concept asked through the attack's word: the same target
+            student["erase"] = torch.cat([student["erase"], student.pop("adversary")])
+            target = torch.cat([target, target])
         terms = surgery_loss(
             objective,
             target,
@@ -267,11 +291,19 @@ def teacher_target(denoiser: Denoiser, objective: Objective, draw: Draw, cond: d
 
 
 def student_outputs(
-    denoiser: Denoiser, deltas: WeightDeltas, objective: Objective, draw: Draw, cond: dict[str, Conditioning]
+    denoiser: Denoiser,
+    deltas: WeightDeltas,
+    objective: Objective,
+    draw: Draw,
+    cond: dict[str, Conditioning],
+    adversaries: Adversaries | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The student's outputs for the erased prompts, the empty prompt (when it is pinned) and
-    the preserve prompts, from one batched call, by name."""
+    """The student's outputs for the erased prompts, the empty prompt (when it is pinned), the
+    preserve prompts and, in a robust erasure, the erased prompts with the adversary's word in
+    the concept's place (at the same states), from one batched call, by name."""
     rows = {"erase": (Conditioning.cat([cond[p] for p in draw.erase]), draw.x, draw.t)}
+    if adversaries is not None:
+        rows["adversary"] = (Conditioning.cat([adversaries.cond[p] for p in draw.erase]), draw.x, draw.t)
     if objective.lambda_u:
         rows["uncond"] = (cond[""].repeat(len(draw.x)), draw.x, draw.t)
     if draw.preserve:
@@ -279,3 +311,33 @@ def student_outputs(
     conds, xs, ts = zip(*rows.values(), strict=True)
     outputs = denoiser.output(torch.cat(xs), torch.cat(ts), Conditioning.cat(list(conds)), deltas)
     return dict(zip(rows, outputs.split([len(x) for x in xs]), strict=True))
+
+
+class Adversaries:
+    """A robust erasure's attackers (AdvUnlearn's idea, docs/method.md section 11): for each
+    erased concept, a word embedding learned against the current deltas to bring the concept
+    back, and each erased prompt's conditioning with that word in the concept's place."""
+
+    def __init__(self, denoiser: Denoiser, config: EraseConfig):
+        self.denoiser = denoiser
+        self.prompts = config.adversarial_prompts(ADVERSARY_TOKENS)  # erased prompt -> (concept, with the word)
+        self.by_concept = {e: Adversary(denoiser, e, ADVERSARY_TOKENS) for e in config.erase}
+        self.cond: dict[str, Conditioning] = {}
+        self._update_conditions()
+
+    def attack(self, deltas: WeightDeltas, cache: TrajectoryCache, pick: random.Random, generator) -> None:
+        """``ADVERSARY_STEPS`` attack steps per concept, at its cached states, on ``deltas`` as they are."""
+        for concept, adversary in self.by_concept.items():
+            mine = [erased for erased, (c, _) in self.prompts.items() if c == concept]
+            for _ in range(ADVERSARY_STEPS):
+                chosen = [pick.choice(mine) for _ in range(ADVERSARY_BATCH)]
+                states = [cache.draw(erased, generator) for erased in chosen]
+                x, t = torch.cat([x for x, _, _ in states]), torch.cat([t for _, t, _ in states])
+                original = torch.stack([out[1] for _, _, out in states])
+                asked = [self.prompts[erased][1] for erased in chosen]
+                adversary.step(self.denoiser, deltas, asked, x, t, original)
+        self._update_conditions()
+
+    def _update_conditions(self) -> None:
+        for erased, (concept, asked) in self.prompts.items():
+            self.cond[erased] = self.by_concept[concept].condition(self.denoiser, [asked])

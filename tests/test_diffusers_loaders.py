@@ -95,3 +95,39 @@ def test_diffusers_from_single_file_loads_the_checkpoint_as_the_student(tmp_path
             ids = torch.tensor([[49406, 2368, 49407] + [0] * 74])
             torch.testing.assert_close(theirs(ids)[0], ours(ids)[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unet_prediction(pipeline.unet, x, t, cond), student, rtol=1e-4, atol=1e-5)
+
+
+def test_diffusers_load_textual_inversion_reads_the_attack_as_learned(tiny_denoiser, tmp_path):
+    """The attack's embedding file, loaded by diffusers' ``load_textual_inversion`` (SDXL: each
+    encoder's tensor into its encoder, as A1111 and ComfyUI split it) and asked through the
+    pipeline's own ``encode_prompt``, conditions the model as the attack did."""
+    from safetensors.torch import load_file
+
+    from erase_engine.attack import AttackConfig, learn_attack, save_embedding
+
+    config = AttackConfig("a cat", ["a photo of {}"], tokens=2, steps=3, trajectories=1, sampler_steps=3)
+    erasure = erase_concept(tiny_denoiser, EraseConfig(erase=["a cat"], steps=2, trajectories=1, sampler_steps=2))
+    attack = learn_attack(tiny_denoiser, erasure.deltas, config)
+    path = save_embedding(attack, tiny_denoiser, tmp_path / "attack-cat.safetensors")
+
+    pipeline = pipeline_of(tiny_denoiser)
+    sdxl = tiny_denoiser.info.architecture == "sdxl"
+    if sdxl:
+        state = load_file(path)
+        assert sorted(state) == ["clip_g", "clip_l"]
+        for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
+            encoder, tokenizer = getattr(pipeline, f"text_encoder{suffix}"), getattr(pipeline, f"tokenizer{suffix}")
+            pipeline.load_textual_inversion(state[key], token="<attack>", text_encoder=encoder, tokenizer=tokenizer)
+    else:
+        pipeline.load_textual_inversion(str(path), token="<attack>")
+    sentence = "a photo of <attack>"
+    with torch.no_grad():
+        if sdxl:
+            context, _, pooled, _ = pipeline.encode_prompt(sentence, device="cpu", do_classifier_free_guidance=False)
+        else:
+            context, _ = pipeline.encode_prompt(sentence, "cpu", 1, False)
+    ours = attack.condition(tiny_denoiser, [attack.prompt("a photo of {}")])
+    assert not torch.allclose(ours.context, tiny_denoiser.encode(["a photo of a cat"]).context)
+    torch.testing.assert_close(context, ours.context, rtol=1e-5, atol=1e-5)
+    if sdxl:
+        torch.testing.assert_close(pooled, ours.extras["text_embeds"], rtol=1e-5, atol=1e-5)

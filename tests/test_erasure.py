@@ -76,6 +76,41 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
     assert erasure.losses[0].get("uncond", 0.0) == pytest.approx(0.0, abs=1e-10)
 
 
+def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(tiny_model_dirs, monkeypatch):
+    """robust on (docs/method.md, section 11): before the first step the adversary has attacked
+    the (still untouched) model; the erase term then averages the paper's error over each drawn
+    state asked with the concept and asked with the adversary's word, to the same target."""
+    from erase_engine import load_denoiser, trainer
+    from erase_engine.adversary import PLACEHOLDER
+
+    denoiser = load_denoiser(tiny_model_dirs["sd1"])
+    draws, made = record_draws(monkeypatch), []
+
+    class Recorded(trainer.Adversaries):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(trainer, "Adversaries", Recorded)
+    config = EraseConfig(erase=["a cat"], robust="on", contexts=["{}", "a photo of {}"], steps=1, trajectories=2,
+                         sampler_steps=4)  # fmt: skip
+    erasure = erase_concept(denoiser, config)
+    draw, adversary = draws[0], made[0].by_concept["a cat"]
+    start = denoiser.word_vectors("a cat")[0].mean(dim=0, keepdim=True)
+    assert not torch.equal(adversary.vectors[0].detach(), start)  # the attack ran before the step
+    errors = []
+    for row, erased in enumerate(draw.erase):
+        x_t, t = draw.x[row : row + 1], draw.t[row : row + 1]
+        e_uncond, e_cat = raw_unet(denoiser, x_t, t, ""), raw_unet(denoiser, x_t, t, erased)
+        target = e_uncond - 1.0 * (e_cat - e_uncond)
+        asked = erased.replace("a cat", PLACEHOLDER)
+        with torch.no_grad():
+            cond = denoiser.encode_with_embedding([asked], PLACEHOLDER, adversary.vectors)
+            e_adv = denoiser.unet(x_t, t, encoder_hidden_states=cond.context).sample
+        errors += [(e_cat - target) ** 2, (e_adv - target) ** 2]
+    assert erasure.losses[0]["erase"] == pytest.approx(float(torch.cat(errors).mean()), rel=1e-4)
+
+
 def test_keep_layout_keeps_the_prediction_at_the_top_noise_levels_only():
     uncond, erase, alternative = torch.zeros(4, 2, 3, 3), torch.ones(4, 2, 3, 3), torch.full((4, 2, 3, 3), 5.0)
     t = torch.tensor([999, 600, 599, 0])

@@ -20,9 +20,7 @@ from ..builtin.render import BACKGROUNDS
 from ..hosts.diffusers_loading import load_denoiser
 from ..parameters import EraseConfig
 from ..trainer import erase_concept
-from .efficacy import Concept, average, default_preserve, judge_erasure, prompt_groups
-
-SEED = 10_000  # run_bench's sampling seed for config seed 0: the same samples as `bench`
+from .efficacy import SAMPLE_SEED, Concept, average, default_preserve, judge_erasure, prompt_groups
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     concept = Concept.parse(args.erase)
     config = EraseConfig(erase=[args.erase], contexts=args.contexts, preserve=default_preserve(args.erase))
     erasure = erase_concept(denoiser, config)
-    metrics, images = judge_erasure(judge, erasure, concept, None, args.samples, SEED)
+    metrics, images = judge_erasure(judge, erasure, concept, None, args.samples, SAMPLE_SEED)
     prompts = prompt_groups(concept, args.samples)[0].prompts  # the sentences behind images["erase_after"]
     left = judge.classify(images["erase_after"])[concept.head] == concept.index
     row = {

@@ -3,17 +3,20 @@
 Erasing a shape ("star") or a color ("red"), optionally into another of its kind,
 on a fixed set of seeds: how often the judge still sees the concept, how often it
 sees the alternative, whether the layout and the other concepts survived, and
-whether generated images of the concept can be purified.
+whether generated images of the concept can be purified, and whether a textual-inversion
+attack at a fixed budget brings it back.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..attack import Attack, AttackConfig, learn_attack
 from ..builtin.judge import HEADS, Judge, box_iou, foreground_mask, layout_kept, mask_iou
 from ..builtin.render import BACKGROUNDS, COLORS, SHAPES, Scenes, prompt, render
 from ..denoiser import Denoiser
@@ -25,6 +28,8 @@ from ..trainer import Erasure, erase_concept
 
 SAMPLE_STEPS = 25
 SAMPLE_CFG = 5.0
+ATTACK_STEPS = 300  # the benchmark's attack budget: one token, 300 steps
+SAMPLE_SEED = 10_000  # the first noise seed of the samples (plus the erasure's seed)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,10 @@ class Concept:
     def head(self) -> int:
         """The judge's output (and scene attribute) that names this kind of concept."""
         return HEADS.index(self.kind)
+
+    @property
+    def name(self) -> str:
+        return SHAPES[self.index] if self.kind == "shape" else list(COLORS)[self.index]
 
     @staticmethod
     def parse(text: str) -> Concept:
@@ -170,13 +179,54 @@ def judge_erasure(
     return metrics, images
 
 
+def with_word(prompt: str, word: str, replacement: str) -> str:
+    """``prompt`` with the first ``word`` (a whole word) replaced."""
+    return re.sub(rf"\b{re.escape(word)}\b", replacement, prompt, count=1)
+
+
+def judge_attack(
+    judge: Judge, erasure: Erasure, concept: Concept, samples: int, seed: int, steps: int = ATTACK_STEPS
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Does it come back?  A one-token textual-inversion attack on the erased model, trained in
+    every sentence of the erase prompts, judged by ``attack_accuracy``."""
+    erase, _ = prompt_groups(concept, samples)
+    contexts = list(dict.fromkeys(with_word(p, concept.name, "{}") for p in erase.prompts))
+    config = AttackConfig(concept.name, contexts, steps=steps, seed=erasure.config.seed)
+    attack = learn_attack(erasure.denoiser, erasure.deltas, config)
+    metrics, images = attack_accuracy(judge, erasure.denoiser, erasure.deltas, attack, concept, samples, seed)
+    metrics |= {"attack_recovered": round(attack.recovered, 4), "attack_seconds": round(attack.seconds, 1)}
+    return metrics, images
+
+
+def attack_accuracy(
+    judge: Judge, denoiser: Denoiser, deltas, attack: Attack, concept: Concept, samples: int, seed: int
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``attack_acc``: how often the judge sees the concept when the erased model is asked the
+    erase prompts with the embedding in place of the concept's word, at the erase prompts' seeds."""
+    erase, _ = prompt_groups(concept, samples)
+    cond = attack.condition(denoiser, [with_word(p, concept.name, attack.prompt()) for p in erase.prompts])
+    seeds = [seed + i for i in range(samples)]
+    images = {"attack_after": generate(denoiser, cond, seeds, SAMPLE_STEPS, SAMPLE_CFG, deltas)}
+    seen = judge.classify(images["attack_after"])[concept.head] == concept.index
+    return {"attack_acc": average(seen)}, images
+
+
 def run_bench(
     denoiser: Denoiser,
     judge: Judge,
     config: EraseConfig,
     samples: int = 72,
+    attack_steps: int = ATTACK_STEPS,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Erase ``config.erase[0]`` from the built-in model and judge it."""
+    """Erase ``config.erase[0]`` from the built-in model and judge it, then attack it with
+    ``attack_steps`` (0: no attack)."""
+    return with_attack(judge, *bench_erasure(denoiser, judge, config, samples), attack_steps)
+
+
+def bench_erasure(
+    denoiser: Denoiser, judge: Judge, config: EraseConfig, samples: int
+) -> tuple[dict, dict[str, torch.Tensor], Erasure]:
+    """``run_bench`` without the attack; also the erasure itself."""
     concept = Concept.parse(config.erase[0])
     into = Concept.parse(config.into[0]) if config.into and config.into[0] else None
     if into is not None and into.kind != concept.kind:
@@ -184,7 +234,7 @@ def run_bench(
     started = time.perf_counter()
     erasure = erase_concept(denoiser, config)
     seconds = time.perf_counter() - started
-    metrics, images = judge_erasure(judge, erasure, concept, into, samples, seed=10_000 + config.seed)
+    metrics, images = judge_erasure(judge, erasure, concept, into, samples, SAMPLE_SEED + config.seed)
     result = {
         "method": config.method,
         "steps": erasure.scores[-1][0],
@@ -198,7 +248,18 @@ def run_bench(
         **{f"score_{k}": v for k, v in erasure.score.as_dict().items() if k != "preserve_drift_by_prompt"},
         **metrics,
     }
-    return result, images
+    return result, images, erasure
+
+
+def with_attack(
+    judge: Judge, row: dict, images: dict[str, torch.Tensor], erasure: Erasure | None, attack_steps: int
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A benchmark row with the attack's figures added (``attack_steps`` 0: none)."""
+    if not attack_steps:
+        return row, images
+    concept, seed = Concept.parse(row["erase"]), SAMPLE_SEED + erasure.config.seed
+    attacked, attack_images = judge_attack(judge, erasure, concept, len(images["erase_after"]), seed, attack_steps)
+    return row | attacked, images | attack_images
 
 
 ERASED = 0.05  # erase_acc_after at or below which the judge counts the concept as erased
@@ -210,17 +271,19 @@ def run_bench_until_erased(
     judge: Judge,
     config: EraseConfig,
     samples: int = 72,
+    attack_steps: int = ATTACK_STEPS,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``run_bench`` at ``config``; while the judge still sees the concept in more than
     ``ERASED`` of the samples, again with twice the steps (up to ``MOST_STEPS``), so that
-    methods are compared where each has erased it.  The row's ``erased`` says how it ended."""
-    row, images = run_bench(denoiser, judge, config, samples)
+    methods are compared where each has erased it; the last run is attacked.  The row's
+    ``erased`` says how it ended."""
+    row, images, erasure = bench_erasure(denoiser, judge, config, samples)
     while row["erase_acc_after"] > ERASED and row["steps"] < MOST_STEPS:
         longer = replace(config, steps=min(2 * row["steps"], MOST_STEPS))
-        row, images = run_bench(denoiser, judge, longer, samples)
+        row, images, erasure = bench_erasure(denoiser, judge, longer, samples)
     left = f"{row['erase_acc_after']:.2f} left after {row['steps']} steps"
     row["erased"] = f"erased: {left}" if row["erase_acc_after"] <= ERASED else f"NOT erased: {left}"
-    return row, images
+    return with_attack(judge, row, images, erasure, attack_steps)
 
 
 def bench_grid(images: dict[str, torch.Tensor], columns: int = 8):
@@ -257,8 +320,13 @@ TABLE_KEYS = (
     "uncond_pixel_drift",
     "purify_removed",
     "purify_layout_iou",
+    "attack_acc",
     "seconds",
 )
+
+
+def table_cell(value) -> str:
+    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def comparison_table(rows: list[dict]) -> str:
@@ -267,8 +335,6 @@ def comparison_table(rows: list[dict]) -> str:
     lines = [header, "|" + "---|" * (3 + len(TABLE_KEYS))]
     for row in rows:
         cells = [row["erase"], row["into"] or "-", row["method"]]
-        cells += [
-            "-" if row[k] is None else f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in TABLE_KEYS
-        ]
+        cells += [table_cell(row.get(k)) for k in TABLE_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

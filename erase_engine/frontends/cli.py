@@ -3,6 +3,7 @@
 erase-concept [--model PATH] --erase TEXT ...     erase, save a LoRA / checkpoint / report
 erase-concept bench --erase TEXT ... | --compare  measure an erasure on builtin:shapes
 erase-concept purify --lora FILE --image IN.png --prompt TEXT --out OUT.png
+erase-concept attack --lora FILE --concept TEXT [--out EMB.safetensors] [--report DIR]   does it come back?
 erase-concept ui [--port N] [--model PATH] [--folder DIR]   the web interface on 127.0.0.1
 erase-concept bench-speed [--device cuda|cpu] [--shape tiny|sd15|sdxl]   ESD-style loop vs this engine
 """
@@ -92,9 +93,9 @@ def check_output(
         parser.error(f"{flag}: {path} exists; pass --overwrite to replace it")
 
 
-def default_output(erase: list[str]) -> Path:
+def default_output(erase: list[str], prefix: str = "erased") -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", erase[0].lower()).strip("-")[:40] or "concept"
-    return Path(f"erased-{slug}.safetensors")
+    return Path(f"{prefix}-{slug}.safetensors")
 
 
 class PhaseBars:
@@ -102,7 +103,7 @@ class PhaseBars:
     sampler steps ("sampling"), then one for the training steps ("erasing"). A bar is closed
     when its phase ends, so its last state is printed even when tqdm skipped the redraw."""
 
-    LABELS = {"sampling": "sampling", "training": "erasing"}
+    LABELS = {"sampling": "sampling", "training": "erasing", "attacking": "attacking"}
 
     def __init__(self) -> None:
         self.bar = None
@@ -137,7 +138,7 @@ def erase_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erase-concept",
         description="Erase a concept from a Stable Diffusion model and save a LoRA and/or a checkpoint.",
-        epilog="Other commands: erase-concept bench / purify / ui (each with --help).",
+        epilog="Other commands: erase-concept bench / purify / attack / ui (each with --help).",
     )
     parser.add_argument(
         "--model", default=BUILTIN_MODEL, help=f"diffusers folder, .safetensors/.ckpt file or {BUILTIN_MODEL}"
@@ -200,6 +201,13 @@ def bench_main(argv: list[str]) -> int:
     )
     # without --preserve, the other shapes (or colors) are preserved
     parser.add_argument("--samples", type=int, default=72, help="samples per prompt group (>= 64)")
+    parser.add_argument(
+        "--attack-steps",
+        type=int,
+        default=bench.ATTACK_STEPS,
+        metavar="N",
+        help=f"the textual-inversion attack's budget (default {bench.ATTACK_STEPS}; 0: no attack)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     parser.add_argument(
         "--grid", type=Path, metavar="FILE.png", help="before/after picture of the first erasure (--compare: by method)"
@@ -226,7 +234,7 @@ def bench_main(argv: list[str]) -> int:
         if key not in done:  # esd's row for an "into" pair is its plain erasure, run once
             what = f"{erase!r}{f' into {into!r}' if config.into else ''} with {method}"
             print(f"bench: erasing {what} ...", file=sys.stderr)
-            done[key] = run(denoiser, judge, config, samples=args.samples)
+            done[key] = run(denoiser, judge, config, samples=args.samples, attack_steps=args.attack_steps)
             print(json.dumps(done[key][0]), file=sys.stderr)
         row, images = done[key]
         rows.append(row)
@@ -243,6 +251,78 @@ def bench_main(argv: list[str]) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     return 0
+
+
+def load_erased(model: str, lora: Path, device: str):
+    """The base model and a LoRA's deltas on it (refused if the LoRA was made for another kind of model)."""
+    from ..deltas import WeightDeltas
+    from ..exports import check_lora_base
+    from ..files import read_state_dict
+
+    if not lora.is_file():
+        raise FileNotFoundError(f"no LoRA at {lora}")
+    state, metadata = read_state_dict(lora)
+    denoiser = load_model(model, device)
+    check_lora_base(metadata, denoiser)
+    return denoiser, WeightDeltas.from_lora(denoiser.unet_layers(), state).to(denoiser.device)
+
+
+def attack_main(argv: list[str]) -> int:
+    from ..attack import AttackConfig
+
+    parser = argparse.ArgumentParser(
+        prog="erase-concept attack",
+        description="Does the concept come back? Learn a textual-inversion embedding that brings it back on the "
+        "erased model (original model + LoRA), and save it for the hosts' embeddings folders.",
+    )
+    parser.add_argument("--model", default=BUILTIN_MODEL, help="the original model the LoRA was erased from")
+    parser.add_argument("--lora", type=Path, required=True, help="the erasure's LoRA file")
+    parser.add_argument("--concept", required=True, help="the erased concept, as it was erased")
+    parser.add_argument(
+        "--contexts", nargs="+", default=["{}"], metavar="TEXT", help="sentences to attack in ({} stands for it)"
+    )
+    parser.add_argument("--steps", type=int, default=AttackConfig.steps, help="attack steps (the budget)")
+    parser.add_argument("--tokens", type=int, default=AttackConfig.tokens, help="vectors in the embedding")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, metavar="EMB.safetensors", help="where to write the embedding")
+    parser.add_argument("--report", type=Path, metavar="DIR", help="write a grid (original / erased / attacked)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing embedding file")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    args.out = args.out or default_output([args.concept], prefix="attack")
+    check_output(parser, "--out", args.out, overwrite=args.overwrite)
+
+    from ..attack import learn_attack, save_embedding
+    from ..report import write_attack_report
+
+    config = AttackConfig(args.concept, args.contexts, args.tokens, args.steps, args.seed)
+    denoiser, deltas = load_erased(args.model, args.lora, args.device)
+    with PhaseBars() as progress:
+        attack = learn_attack(denoiser, deltas, config, progress=progress)
+    judged = judge_builtin_attack(args.model, denoiser, deltas, attack)
+    path = save_embedding(attack, denoiser, args.out, "replace" if args.overwrite else "refuse")
+    if args.report is not None:
+        write_attack_report(args.report, denoiser, deltas, attack, {"judge": judged, "embedding": str(path)})
+    print(f"attack: {args.steps} steps; recovered {attack.recovered:.2f} of the concept's original prediction")
+    for name, value in (judged or {}).items():
+        print(f"{name}: {value:.2f}")
+    print(f"embedding: {path}" + (f"\nreport: {args.report}" if args.report else ""))
+    return 0
+
+
+def judge_builtin_attack(model: str, denoiser, deltas, attack) -> dict | None:
+    """On the built-in model, the judge's accuracy for the concept with the embedding (the bench's figure)."""
+    from ..benchmarks import efficacy as bench
+    from ..builtin.judge import load_judge
+
+    if model != BUILTIN_MODEL:
+        return None
+    try:
+        concept = bench.Concept.parse(attack.config.concept)
+    except ValueError:
+        return None
+    figures, _ = bench.attack_accuracy(load_judge(), denoiser, deltas, attack, concept, 64, bench.SAMPLE_SEED)
+    return figures
 
 
 def purify_main(argv: list[str]) -> int:
@@ -263,9 +343,6 @@ def purify_main(argv: list[str]) -> int:
 
     from PIL import Image, UnidentifiedImageError
 
-    from ..deltas import WeightDeltas
-    from ..exports import check_lora_base
-    from ..files import read_state_dict
     from ..purify import purify_picture
 
     if not args.image.is_file():
@@ -277,10 +354,7 @@ def purify_main(argv: list[str]) -> int:
         image.load()
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{args.image} is not an image this can read: {error}") from None
-    lora, metadata = read_state_dict(args.lora)
-    denoiser = load_model(args.model, args.device)
-    check_lora_base(metadata, denoiser)
-    deltas = WeightDeltas.from_lora(denoiser.unet_layers(), lora).to(denoiser.device)
+    denoiser, deltas = load_erased(args.model, args.lora, args.device)
     purify_picture(denoiser, image, args.prompt, deltas, args.steps, args.strength).save(args.out)
     print(f"purified: {args.out}")
     return 0
@@ -308,7 +382,13 @@ def bench_speed_main(argv: list[str]) -> int:
     return speed_main(argv)
 
 
-COMMANDS = {"bench": bench_main, "bench-speed": bench_speed_main, "purify": purify_main, "ui": ui_main}
+COMMANDS = {
+    "attack": attack_main,
+    "bench": bench_main,
+    "bench-speed": bench_speed_main,
+    "purify": purify_main,
+    "ui": ui_main,
+}
 
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130

@@ -34,6 +34,33 @@ def ordered_config(config) -> dict:
     return config
 
 
+def single_token_id(tokenizer, word: str) -> int:
+    """The id of ``word``, which must be one token of ``tokenizer``."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} tokens of this tokenizer, not one")
+    return ids[0]
+
+
+def replace_word_embedding(token_id: int, rows: torch.Tensor):
+    """A forward hook for a text encoder's token-embedding table: the k-th occurrence of
+    ``token_id`` in a prompt gets ``rows[k]`` (as A1111 and ComfyUI put a textual-inversion
+    embedding's vectors in place of its name's tokens, before the position embeddings)."""
+
+    def hook(module, inputs, output):
+        found = inputs[0] == token_id
+        if not found.any():
+            return output
+        order = found.long().cumsum(dim=1) - 1  # which occurrence in its prompt
+        if int(order.max()) >= len(rows):
+            raise ValueError(f"a prompt holds the placeholder more than the embedding's {len(rows)} times")
+        output = output.clone()
+        output[found] = rows[order[found]].to(output.dtype)
+        return output
+
+    return hook
+
+
 class DiffusersDenoiser(Denoiser):
     """UNet2DConditionModel + CLIP text encoder(s) + AutoencoderKL."""
 
@@ -79,6 +106,30 @@ class DiffusersDenoiser(Denoiser):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
+        return self._encode(prompts)
+
+    def encode_with_embedding(self, prompts: list[str], word: str, vectors: list[torch.Tensor]) -> Conditioning:
+        hooks = []
+        try:
+            for tokenizer, encoder, rows in zip(self.tokenizers, self.text_encoders, vectors, strict=True):
+                replace = replace_word_embedding(single_token_id(tokenizer, word), rows)
+                hooks.append(encoder.get_input_embeddings().register_forward_hook(replace))
+            return self._encode(prompts)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def word_vectors(self, text: str) -> list[torch.Tensor]:
+        vectors = []
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            if not ids:
+                raise ValueError(f"{text!r} has no tokens")
+            table = encoder.get_input_embeddings().weight
+            vectors.append(table[torch.tensor(ids, device=table.device)].detach().clone())
+        return vectors
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             ids = tokenizer(

@@ -1,0 +1,125 @@
+"""Does it come back?  Each concept erased by ``surgical``, ``surgical`` with ``robust`` on and
+``esd`` (the defaults otherwise), each erasure attacked at the benchmark's budget and, if asked,
+by a stronger attack; and how the erasure holds for other ways of asking for the concept
+(docs/method.md, section 11).
+
+    python -m erase_engine.benchmarks.attack_study --erase star heart --strong-steps 1000 --strong-tokens 4
+
+Prints a JSON row per (concept, method) as it goes, then a markdown table; ``--json`` keeps the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..attack import AttackConfig, learn_attack
+from ..builtin import BUILTIN_MODEL
+from ..builtin.judge import load_judge
+from ..builtin.render import COLORS, SHAPES
+from ..hosts.diffusers_loading import load_denoiser
+from ..parameters import EraseConfig
+from .efficacy import (
+    ATTACK_STEPS,
+    SAMPLE_SEED,
+    Concept,
+    attack_accuracy,
+    average,
+    bench_erasure,
+    default_preserve,
+    prompt_groups,
+    sample,
+    with_word,
+)
+
+METHODS = {"surgical": {}, "robust": {"robust": "on"}, "esd": {"method": "esd"}}
+PARAPHRASE_SAMPLES = 64
+
+
+def paraphrases(concept: Concept) -> dict[str, list[str]]:
+    """The ways the built-in model was taught to ask for a concept (its caption templates),
+    each as a list of prompts over the other attribute and the backgrounds."""
+    name = concept.name
+    if concept.kind == "shape":
+        return {
+            f"{name}": [name],
+            f"a {name}": [f"a {name}"],
+            f"a <color> {name}": [f"a {color} {name}" for color in COLORS],
+            f"a <color> {name} on a <background> background": prompt_groups(concept, 18)[0].prompts,
+        }
+    return {
+        f"{name}": [name],
+        f"a {name} shape": [f"a {name} shape"],
+        f"a {name} <shape>": [f"a {name} {shape}" for shape in SHAPES],
+        f"a {name} <shape> on a <background> background": prompt_groups(concept, 18)[0].prompts,
+    }
+
+
+def paraphrase_accuracy(judge, erasure, concept: Concept) -> dict[str, float]:
+    """The judge's accuracy for the concept after the erasure, per caption form."""
+    found = {}
+    for form, prompts in paraphrases(concept).items():
+        asked = [prompts[i % len(prompts)] for i in range(PARAPHRASE_SAMPLES)]
+        seen = judge.classify(sample(erasure.denoiser, asked, SAMPLE_SEED, erasure.deltas))[concept.head]
+        found[form] = average(seen == concept.index)
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m erase_engine.benchmarks.attack_study", description=__doc__)
+    parser.add_argument("--erase", nargs="+", default=list(SHAPES), help="shapes or colors of the built-in model")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--samples", type=int, default=72)
+    parser.add_argument("--strong-steps", type=int, default=0, help="a stronger attack's steps (0: none)")
+    parser.add_argument("--strong-tokens", type=int, default=4)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    denoiser, judge = load_denoiser(BUILTIN_MODEL), load_judge()
+    rows = []
+    for erase in args.erase:
+        concept = Concept.parse(erase)
+        erase_prompts = prompt_groups(concept, args.samples)[0].prompts
+        contexts = list(dict.fromkeys(with_word(p, concept.name, "{}") for p in erase_prompts))
+        for method in args.methods:
+            config = EraseConfig(erase=[erase], preserve=default_preserve(erase), **METHODS[method])
+            row, _, erasure = bench_erasure(denoiser, judge, config, args.samples)
+            keep = ("steps", "seconds", "erase_acc_after", "preserve_acc_after", "uncond_pixel_drift", "layout_kept")
+            result = {"erase": erase, "method": method, **{k: row[k] for k in keep}}
+            budgets = {"attack": (ATTACK_STEPS, 1)}
+            if args.strong_steps:
+                budgets["strong"] = (args.strong_steps, args.strong_tokens)
+            for name, (steps, tokens) in budgets.items():
+                started = time.perf_counter()
+                attack = learn_attack(denoiser, erasure.deltas, AttackConfig(erase, contexts, tokens, steps))
+                figures, _ = attack_accuracy(
+                    judge, denoiser, erasure.deltas, attack, concept, args.samples, SAMPLE_SEED
+                )
+                result |= {
+                    f"{name}_acc": figures["attack_acc"],
+                    f"{name}_recovered": round(attack.recovered, 4),
+                    f"{name}_seconds": round(time.perf_counter() - started, 1),
+                }
+            result["paraphrases"] = paraphrase_accuracy(judge, erasure, concept)
+            print(json.dumps(result), flush=True)
+            rows.append(result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    keys = [k for k in rows[0] if k not in ("erase", "method", "paraphrases")]
+    lines = ["| erase | method | " + " | ".join(keys) + " |", "|" + "---|" * (2 + len(keys))]
+    for row in rows:
+        cells = [f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in keys]
+        lines.append(f"| {row['erase']} | {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
