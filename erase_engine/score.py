@@ -38,22 +38,27 @@ class Score:
     distance: float  # the whole remaining distance to the target
     uncond_drift: float
     preserve_drift: dict[str, float]  # per preserve prompt
+    # a robust erasure's: ``remaining`` with the adversary's word in the concept's place
+    adversary_remaining: float | None = None
 
     @property
     def worst_preserve_drift(self) -> float:
         return max(self.preserve_drift.values(), default=0.0)
 
     def as_dict(self) -> dict:
+        robust = {} if self.adversary_remaining is None else {"adversary_remaining": round(self.adversary_remaining, 4)}
         return {
             "remaining": round(self.remaining, 4),
             "distance": round(self.distance, 4),
             "uncond_drift": round(self.uncond_drift, 4),
             "preserve_drift": round(self.worst_preserve_drift, 4),
             "preserve_drift_by_prompt": {p: round(d, 4) for p, d in self.preserve_drift.items()},
-        }
+        } | robust
 
     def summary(self) -> str:
         text = f"remaining {self.remaining:.2f}, uncond drift {self.uncond_drift:.3f}"
+        if self.adversary_remaining is not None:
+            text += f", through the adversary {self.adversary_remaining:.2f}"
         return text + (f", preserve drift {self.worst_preserve_drift:.3f}" if self.preserve_drift else "")
 
 
@@ -92,30 +97,41 @@ class ScoreProbe:
         self.guidance = _energy(self.teacher_erase - self.teacher_uncond)  # || g*(x, c_e) ||^2
         self.guidance_per_state = self.guidance / len(self.teacher_erase)
 
-    def score(self, deltas: WeightDeltas) -> Score:
+    def score(self, deltas: WeightDeltas, adversary: dict[str, Conditioning] | None = None) -> Score:
+        """The score of ``deltas``; with ``adversary`` (erased prompt -> its conditioning with the
+        adversary's word), also ``remaining`` asked that way."""
         student_erase = torch.cat([self._output(prompt, x, t, deltas) for prompt, x, t in self.erase_states])
+        adversary_remaining = None
+        if adversary is not None:
+            asked = torch.cat([self._output(adversary[p], x, t, deltas) for p, x, t in self.erase_states])
+            adversary_remaining = self._remaining(asked)
         student_uncond = torch.cat([self._output("", x, t, deltas) for _, x, t in self.erase_states])
         preserve = {}
         for prompt, (x, t) in self.preserve_states.items():
             change = self._output(prompt, x, t, deltas) - self.teacher_preserve[prompt]
             preserve[prompt] = float(_energy(change) / len(change) / self.guidance_per_state) ** 0.5
-        moved = _inner(student_erase - self.teacher_erase, self.target - self.teacher_erase)
         return Score(
-            remaining=1 - float(moved / self.untouched),
+            remaining=self._remaining(student_erase),
             distance=float(_energy(student_erase - self.target) / self.untouched) ** 0.5,
             uncond_drift=float(_energy(student_uncond - self.teacher_uncond) / self.guidance) ** 0.5,
             preserve_drift=preserve,
+            adversary_remaining=adversary_remaining,
         )
+
+    def _remaining(self, student_erase: torch.Tensor) -> float:
+        moved = _inner(student_erase - self.teacher_erase, self.target - self.teacher_erase)
+        return 1 - float(moved / self.untouched)
 
     @torch.no_grad()
     def _output(
-        self, prompt: str, x: torch.Tensor, t: torch.Tensor, deltas: WeightDeltas | None = None
+        self, prompt: str | Conditioning, x: torch.Tensor, t: torch.Tensor, deltas: WeightDeltas | None = None
     ) -> torch.Tensor:
-        """The model's outputs for ``prompt`` at the states ``x, t``, a few rows per call."""
+        """The model's outputs for ``prompt`` (or a one-row conditioning) at the states ``x, t``,
+        a few rows per call."""
         parts = []
         for start in range(0, len(x), BATCH):
             rows = slice(start, start + BATCH)
-            cond = self.cond[prompt].repeat(len(x[rows]))
+            cond = (prompt if isinstance(prompt, Conditioning) else self.cond[prompt]).repeat(len(x[rows]))
             parts.append(self.denoiser.output(x[rows], t[rows], cond, deltas))
         return torch.cat(parts)
 

@@ -157,8 +157,9 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     optimizer = torch.optim.AdamW(deltas.parameter_groups(config.lr, RELATIVE_STEP), weight_decay=0.0)
 
     most = config.steps or config.max_steps
-    losses, scores = [], [(0, probe.score(deltas))]
     adversaries = Adversaries(denoiser, config) if config.robust == "on" else None
+    asked_through = adversaries.cond if adversaries is not None else None  # updated in place by each attack
+    losses, scores = [], [(0, probe.score(deltas, asked_through))]
     for step in range(most):
         stop_if_asked("training", step, most)
         if adversaries is not None and step % ADVERSARY_EVERY == 0:
@@ -188,7 +189,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         optimizer.step()
         done = step + 1
         if done % CHECK_EVERY == 0 or done == most:
-            scores.append((done, probe.score(deltas)))
+            scores.append((done, probe.score(deltas, asked_through)))
         report("training", done, most, losses[-1], scores[-1][1])
         if config.steps is None and scores[-1][0] == done and erased(scores[-1][1], config.stop_at):
             break  # auto: the held-out score says the concept is gone and the empty prompt is in place
@@ -200,16 +201,19 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
 
 
 def erased(score: Score, stop_at: float) -> bool:
-    """Auto steps' test: the concept has gone far enough, and the empty prompt's prediction has
-    settled (early on, large steps move everything, and an alternative's direction is reached
-    before the rest is pulled back in place)."""
-    return score.remaining <= stop_at and score.uncond_drift <= stop_at
+    """Auto steps' test: the concept has gone far enough (in a robust erasure, also asked through
+    the adversary's word), and the empty prompt's prediction has settled (early on, large steps
+    move everything, and an alternative's direction is reached before the rest is pulled back in place)."""
+    adversary = score.adversary_remaining if score.adversary_remaining is not None else 0.0
+    return max(score.remaining, score.uncond_drift, adversary) <= stop_at
 
 
 def why_stopped(config: EraseConfig, score: Score) -> str:
     if config.steps is not None:
         return f"ran the {config.steps} steps asked for"
     reached = f"remaining {score.remaining:.2f} and uncond drift {score.uncond_drift:.2f}"
+    if score.adversary_remaining is not None:
+        reached += f", through the adversary {score.adversary_remaining:.2f}"
     if erased(score, config.stop_at):
         return f"auto: the held-out score reached {reached} <= stop_at {config.stop_at:g}"
     return f"auto: stopped at max_steps {config.max_steps} with {reached} (stop_at {config.stop_at:g})"

@@ -38,9 +38,9 @@ def test_the_score_is_the_formula_written_out_state_by_state(held_out, into):
     config = EraseConfig(erase=["a cat"], into=[into] if into else [], preserve=["a car"])
     objective = make_objective("surgical")
     deltas = random_lora(denoiser)
-    score = ScoreProbe(denoiser, objective, cache, config.pairs(), ["a car"], encode_prompts(denoiser, config)).score(
-        deltas
-    )
+    probe = ScoreProbe(denoiser, objective, cache, config.pairs(), ["a car"], encode_prompts(denoiser, config))
+    # a robust erasure's adversary asks the concept another way: here, with other words
+    score = probe.score(deltas, adversary={"a cat": denoiser.encode(["a photo of a dog"])})
 
     def out(prompt, x, t, with_deltas=False):
         with torch.no_grad():
@@ -48,7 +48,7 @@ def test_the_score_is_the_formula_written_out_state_by_state(held_out, into):
 
     steps = cache.latents["a cat"].shape[1]
     levels = torch.linspace(0, steps - 1, min(LEVELS, steps)).round().long().unique()
-    far = untouched = along = uncond = guidance = preserve = 0.0
+    far = untouched = along = uncond = guidance = preserve = adversary = 0.0
     for k in range(cache.latents["a cat"].shape[0]):
         for s in levels.tolist():
             x, t = cache.latents["a cat"][k, s], cache.timesteps[s]
@@ -59,6 +59,7 @@ def test_the_score_is_the_formula_written_out_state_by_state(held_out, into):
             far += float(((student - target) ** 2).sum())
             untouched += float(((e_c - target) ** 2).sum())
             along += float(((student - e_c) * (target - e_c)).sum())
+            adversary += float(((out("a photo of a dog", x, t, True) - e_c) * (target - e_c)).sum())
             uncond += float(((out("", x, t, True) - e_0) ** 2).sum())
             guidance += float(((e_c - e_0) ** 2).sum())
             x_p = cache.latents["a car"][k, s]
@@ -68,6 +69,8 @@ def test_the_score_is_the_formula_written_out_state_by_state(held_out, into):
     assert score.uncond_drift == pytest.approx((uncond / guidance) ** 0.5, rel=1e-3)
     assert score.preserve_drift["a car"] == pytest.approx((preserve / guidance) ** 0.5, rel=1e-3)
     assert score.remaining != pytest.approx(1.0)  # the random deltas moved it
+    assert score.adversary_remaining == pytest.approx(1 - adversary / untouched, rel=1e-3, abs=1e-4)
+    assert probe.score(deltas).adversary_remaining is None
 
 
 def test_untrained_deltas_score_untouched(held_out):
