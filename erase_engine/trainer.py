@@ -142,6 +142,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         stop_if_asked("sampling the trajectory cache", done, total)
 
     cond = encode_prompts(denoiser, config)
+    adversaries = Adversaries(denoiser, config) if config.robust == "on" else None  # before the long part
     use_preserve = bool(config.preserve) and objective.lambda_p > 0
     preserve = config.preserve if use_preserve else []
     stop_if_asked("sampling the trajectory cache", 0, config.sampler_steps)
@@ -157,7 +158,6 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     optimizer = torch.optim.AdamW(deltas.parameter_groups(config.lr, RELATIVE_STEP), weight_decay=0.0)
 
     most = config.steps or config.max_steps
-    adversaries = Adversaries(denoiser, config) if config.robust == "on" else None
     asked_through = adversaries.cond if adversaries is not None else None  # updated in place by each attack
     losses, scores = [], [(0, probe.score(deltas, asked_through))]
     for step in range(most):
@@ -323,6 +323,10 @@ class Adversaries:
     back, and each erased prompt's conditioning with that word in the concept's place."""
 
     def __init__(self, denoiser: Denoiser, config: EraseConfig):
+        try:
+            denoiser.word_vectors(config.erase[0])
+        except NotImplementedError as error:
+            raise ValueError(f"robust erasure is not available here yet: {error}; set robust to off") from None
         self.denoiser = denoiser
         self.prompts = config.adversarial_prompts(ADVERSARY_TOKENS)  # erased prompt -> (concept, with the word)
         self.by_concept = {e: Adversary(denoiser, e, ADVERSARY_TOKENS) for e in config.erase}

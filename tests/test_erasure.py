@@ -212,3 +212,17 @@ def test_bad_configs_are_refused_before_any_work():
         EraseConfig(erase=["a", "b", "c"], into=["x", "y"])
     with pytest.raises(ValueError, match="needs {} where the concept goes"):
         EraseConfig(erase=["a cat"], contexts=["{}", "a photo"])
+
+
+def test_robust_on_a_host_without_word_embeddings_is_refused_before_sampling(tiny_model_dirs, monkeypatch):
+    """A host adapter that cannot learn a word (ComfyUI's, A1111's and Forge's, for now) gets a
+    clear error before the trajectory cache, not a failure after it."""
+    from erase_engine import load_denoiser
+    from erase_engine.denoiser import Denoiser
+    from erase_engine.hosts.diffusers_model import DiffusersDenoiser
+
+    denoiser = load_denoiser(tiny_model_dirs["sd1"])
+    monkeypatch.setattr(DiffusersDenoiser, "word_vectors", Denoiser.word_vectors)
+    monkeypatch.setattr(TrajectoryCache, "sample", lambda *args, **kwargs: pytest.fail("sampled before refusing"))
+    with pytest.raises(ValueError, match="set robust to off"):
+        erase_concept(denoiser, EraseConfig(erase=["a cat"], robust="on", steps=2))
