@@ -4,6 +4,7 @@ concept (docs/method.md, section 11).  The attack trains one; a robust erasure t
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,12 +13,14 @@ import torch.nn.functional as F
 
 from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
+from .sampling import TrajectoryCache
 
 # A one-token word of CLIP's vocabulary that stands for the learned vectors in a prompt (the
 # hosts use the embedding file's name instead); prompts must not contain it otherwise.
 PLACEHOLDER = "sks"
 # Each step changes every vector by about this fraction of the concept's own embedding's RMS.
 RELATIVE_STEP = 2e-2
+BATCH = 4  # cached states per step
 
 
 def placeholders(tokens: int) -> str:
@@ -58,15 +61,20 @@ class Adversary:
         self,
         denoiser: Denoiser,
         deltas: WeightDeltas | None,
-        prompts: list[str],
-        x: torch.Tensor,
-        t: torch.Tensor,
-        original: torch.Tensor,
+        cache: TrajectoryCache,
+        pairs: list[tuple[str, str]],
+        pick: random.Random,
+        generator: torch.Generator,
     ) -> float:
-        """One step of ``|| e(x_t, c(v); deltas) - e*(x_t, c_e) ||^2`` (``original``: the frozen
-        model's outputs for the concept there; ``prompts`` hold the placeholder); the loss."""
+        """One step of ``|| e(x_t, c(v); deltas) - e*(x_t, c_e) ||^2`` at ``BATCH`` states drawn
+        from ``cache`` for random (concept prompt, the same with the placeholder) ``pairs``
+        (``e*``: the frozen model's outputs the cache holds); the loss."""
+        rows = [pick.choice(pairs) for _ in range(BATCH)]
+        states = [cache.draw(concept, generator) for concept, _ in rows]
+        x, t = torch.cat([x for x, _, _ in states]), torch.cat([t for _, t, _ in states])
+        original = torch.stack([out[1] for _, _, out in states])
         with frozen(deltas):  # only the vectors get gradients
-            cond = denoiser.encode_with_embedding(prompts, PLACEHOLDER, self.vectors)
+            cond = denoiser.encode_with_embedding([asked for _, asked in rows], PLACEHOLDER, self.vectors)
             loss = F.mse_loss(denoiser.output(x, t, cond, deltas).float(), original.float())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -74,6 +82,11 @@ class Adversary:
         return float(loss.detach())
 
     def condition(self, denoiser: Denoiser, prompts: list[str]) -> Conditioning:
-        """The prompts' conditioning with the current vectors (no gradient)."""
-        with torch.no_grad():
-            return denoiser.encode_with_embedding(prompts, PLACEHOLDER, self.vectors).detached()
+        return embedded(denoiser, prompts, self.vectors)
+
+
+def embedded(denoiser: Denoiser, prompts: list[str], vectors: list[torch.Tensor]) -> Conditioning:
+    """Text conditioning of prompts written with ``PLACEHOLDER`` words, ``vectors`` in their place
+    (no gradient)."""
+    with torch.no_grad():
+        return denoiser.encode_with_embedding(prompts, PLACEHOLDER, vectors).detached()

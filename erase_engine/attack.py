@@ -32,17 +32,15 @@ from pathlib import Path
 
 import torch
 
-from .adversary import PLACEHOLDER, Adversary, check_no_placeholder, placeholders
+from .adversary import Adversary, check_no_placeholder, embedded, placeholders
 from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
 from .files import write_safetensors
-from .parameters import EraseConfig
+from .parameters import EraseConfig, checked_contexts
 from .sampling import TrajectoryCache
 from .score import HELD_OUT_TRAJECTORIES, LEVELS
 from .trainer import ErasureFailed, ProgressFn, RunHooks
 from .version import __version__
-
-BATCH = 4  # states per attack step
 
 
 @dataclass
@@ -62,13 +60,10 @@ class AttackConfig:
 
     def __post_init__(self) -> None:
         self.concept = self.concept.strip()
-        self.contexts = list(dict.fromkeys(c.strip() for c in self.contexts if c.strip())) or ["{}"]
+        self.contexts = checked_contexts(self.contexts)
         if not self.concept:
             raise ValueError("give the concept to bring back")
         check_no_placeholder([self.concept, *self.contexts])
-        unplaced = [c for c in self.contexts if "{}" not in c]
-        if unplaced:
-            raise ValueError(f"each context needs {{}} where the concept goes, got {unplaced[0]!r}")
         if not 1 <= self.tokens <= 16:
             raise ValueError(f"tokens must be between 1 and 16, got {self.tokens}")
         if not 1 <= self.steps <= 100_000:
@@ -90,9 +85,8 @@ class Attack:
     seconds: float
 
     def condition(self, denoiser: Denoiser, prompts: list[str]) -> Conditioning:
-        """Text conditioning of prompts written with ``PLACEHOLDER`` words, the embedding in their place."""
-        with torch.no_grad():
-            return denoiser.encode_with_embedding(prompts, PLACEHOLDER, self.vectors).detached()
+        """Text conditioning of prompts written with placeholder words, the embedding in their place."""
+        return embedded(denoiser, prompts, self.vectors)
 
     def prompt(self, context: str = "{}") -> str:
         """A sentence with the embedding's placeholders where ``{}`` is."""
@@ -115,6 +109,7 @@ def learn_attack(
     pick = random.Random(config.seed)
     pairs = config.prompt_pairs()
     hooks = RunHooks(progress, should_stop)
+    adversary = Adversary(denoiser, config.concept, config.tokens)  # before sampling: a host may not support it
 
     def sampler_step(done: int, total: int) -> None:
         hooks.report("sampling", done, total, {})
@@ -132,15 +127,10 @@ def learn_attack(
     )
     train, held_out = cache.split(HELD_OUT_TRAJECTORIES)
 
-    adversary = Adversary(denoiser, config.concept, config.tokens)
     losses = []
     for step in range(config.steps):
         hooks.stop_if_asked("attacking", step, config.steps)
-        rows = [pick.choice(pairs) for _ in range(BATCH)]
-        states = [train.draw(concept, generator) for concept, _ in rows]
-        x, t = torch.cat([x for x, _, _ in states]), torch.cat([t for _, t, _ in states])
-        original = torch.stack([out[1] for _, _, out in states])
-        losses.append(adversary.step(denoiser, deltas, [attack for _, attack in rows], x, t, original))
+        losses.append(adversary.step(denoiser, deltas, train, pairs, pick, generator))
         if not math.isfinite(losses[-1]):
             raise ErasureFailed(f"the attack's loss became {losses[-1]} at step {step + 1}")
         hooks.report("attacking", step + 1, config.steps, {"loss": losses[-1]})

@@ -98,6 +98,15 @@ def coefficient(label: str, help: str) -> Field:
     return parameter(label, help, -1.0, 0.0, 100.0, 0.05, unset=-1.0, unset_means="the method's preset", advanced=True)
 
 
+def checked_contexts(contexts: list[str]) -> list[str]:
+    """Sentence templates, stripped, each once, ``{}`` where the concept goes (none: the concept alone)."""
+    kept = list(dict.fromkeys(c.strip() for c in contexts if c.strip())) or ["{}"]
+    unplaced = [c for c in kept if "{}" not in c]
+    if unplaced:
+        raise ValueError(f"each context needs {{}} where the concept goes, got {unplaced[0]!r}")
+    return kept
+
+
 @dataclass
 class EraseConfig:
     """Everything an erasure depends on.  Same config and model: same result."""
@@ -232,10 +241,7 @@ class EraseConfig:
         self.erase = [p.strip() for p in self.erase]
         self.into = [p.strip() for p in self.into]
         self.preserve = [p.strip() for p in self.preserve if p.strip()]
-        self.contexts = list(dict.fromkeys(c.strip() for c in self.contexts if c.strip())) or ["{}"]
-        unplaced = [c for c in self.contexts if "{}" not in c]
-        if unplaced:
-            raise ValueError(f"each context needs {{}} where the concept goes, got {unplaced[0]!r}")
+        self.contexts = checked_contexts(self.contexts)
         if not self.erase or not all(self.erase):
             raise ValueError("give at least one non-empty concept to erase")
         if self.into and len(self.into) not in (1, len(self.erase)):

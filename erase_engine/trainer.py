@@ -27,11 +27,10 @@ RELATIVE_STEP = 1e-2
 CHECK_EVERY = 20  # training steps between two held-out scores
 PAIRS_PER_STEP = 4  # erased prompts (concepts in contexts) trained together in one step
 # A robust erasure: every ADVERSARY_EVERY steps, ADVERSARY_STEPS steps of a one-token attack on
-# the current deltas (warm-started: the attack grows with the erasure), of ADVERSARY_BATCH states each.
+# the current deltas (warm-started: the attack grows with the erasure).
 ADVERSARY_EVERY = 10
 ADVERSARY_STEPS = 10
 ADVERSARY_TOKENS = 1
-ADVERSARY_BATCH = 4
 BROKEN_MODEL_HINT = "the model file is damaged, or it runs in a precision too low for it (try full precision)"
 
 
@@ -323,29 +322,25 @@ class Adversaries:
     back, and each erased prompt's conditioning with that word in the concept's place."""
 
     def __init__(self, denoiser: Denoiser, config: EraseConfig):
+        self.denoiser = denoiser
+        prompts = config.adversarial_prompts(ADVERSARY_TOKENS)  # erased prompt -> (concept, with the word)
         try:
-            denoiser.word_vectors(config.erase[0])
+            self.by_concept = {e: Adversary(denoiser, e, ADVERSARY_TOKENS) for e in config.erase}
         except NotImplementedError as error:
             raise ValueError(f"robust erasure is not available here yet: {error}; set robust to off") from None
-        self.denoiser = denoiser
-        self.prompts = config.adversarial_prompts(ADVERSARY_TOKENS)  # erased prompt -> (concept, with the word)
-        self.by_concept = {e: Adversary(denoiser, e, ADVERSARY_TOKENS) for e in config.erase}
+        # per concept, its (erased prompt, the same with the word) pairs
+        self.pairs = {e: [(p, asked) for p, (c, asked) in prompts.items() if c == e] for e in config.erase}
         self.cond: dict[str, Conditioning] = {}
         self._update_conditions()
 
     def attack(self, deltas: WeightDeltas, cache: TrajectoryCache, pick: random.Random, generator) -> None:
         """``ADVERSARY_STEPS`` attack steps per concept, at its cached states, on ``deltas`` as they are."""
         for concept, adversary in self.by_concept.items():
-            mine = [erased for erased, (c, _) in self.prompts.items() if c == concept]
             for _ in range(ADVERSARY_STEPS):
-                chosen = [pick.choice(mine) for _ in range(ADVERSARY_BATCH)]
-                states = [cache.draw(erased, generator) for erased in chosen]
-                x, t = torch.cat([x for x, _, _ in states]), torch.cat([t for _, t, _ in states])
-                original = torch.stack([out[1] for _, _, out in states])
-                asked = [self.prompts[erased][1] for erased in chosen]
-                adversary.step(self.denoiser, deltas, asked, x, t, original)
+                adversary.step(self.denoiser, deltas, cache, self.pairs[concept], pick, generator)
         self._update_conditions()
 
     def _update_conditions(self) -> None:
-        for erased, (concept, asked) in self.prompts.items():
-            self.cond[erased] = self.by_concept[concept].condition(self.denoiser, [asked])
+        for concept, adversary in self.by_concept.items():
+            for erased, asked in self.pairs[concept]:
+                self.cond[erased] = adversary.condition(self.denoiser, [asked])

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from support.cli_runs import leftovers, run
 
 from erase_engine import load_denoiser
-from erase_engine.attack import PLACEHOLDER, Attack, AttackConfig, learn_attack, recovered
+from erase_engine.adversary import PLACEHOLDER
+from erase_engine.attack import Attack, AttackConfig, learn_attack, recovered
 from erase_engine.deltas import WeightDeltas
 from erase_engine.sampling import TrajectoryCache
 from erase_engine.score import HELD_OUT_TRAJECTORIES, LEVELS

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from ..attack import AttackConfig, learn_attack
 from ..builtin import BUILTIN_MODEL
 from ..builtin.judge import load_judge
 from ..builtin.render import COLORS, SHAPES
@@ -27,13 +25,13 @@ from .efficacy import (
     ATTACK_STEPS,
     SAMPLE_SEED,
     Concept,
-    attack_accuracy,
     average,
     bench_erasure,
     default_preserve,
+    judge_attack,
     prompt_groups,
     sample,
-    with_word,
+    table_cell,
 )
 
 METHODS = {"surgical": {}, "robust": {"robust": "on"}, "esd": {"method": "esd"}}
@@ -83,8 +81,6 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for erase in args.erase:
         concept = Concept.parse(erase)
-        erase_prompts = prompt_groups(concept, args.samples)[0].prompts
-        contexts = list(dict.fromkeys(with_word(p, concept.name, "{}") for p in erase_prompts))
         for method in args.methods:
             config = EraseConfig(erase=[erase], preserve=default_preserve(erase), **METHODS[method])
             row, _, erasure = bench_erasure(denoiser, judge, config, args.samples)
@@ -94,16 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.strong_steps:
                 budgets["strong"] = (args.strong_steps, args.strong_tokens)
             for name, (steps, tokens) in budgets.items():
-                started = time.perf_counter()
-                attack = learn_attack(denoiser, erasure.deltas, AttackConfig(erase, contexts, tokens, steps))
-                figures, _ = attack_accuracy(
-                    judge, denoiser, erasure.deltas, attack, concept, args.samples, SAMPLE_SEED
-                )
-                result |= {
-                    f"{name}_acc": figures["attack_acc"],
-                    f"{name}_recovered": round(attack.recovered, 4),
-                    f"{name}_seconds": round(time.perf_counter() - started, 1),
-                }
+                figures, _ = judge_attack(judge, erasure, concept, args.samples, SAMPLE_SEED, steps, tokens)
+                result |= {k.replace("attack", name, 1): v for k, v in figures.items()}
             result["paraphrases"] = paraphrase_accuracy(judge, erasure, concept)
             print(json.dumps(result), flush=True)
             rows.append(result)
@@ -116,7 +104,7 @@ def table(rows: list[dict]) -> str:
     keys = [k for k in rows[0] if k not in ("erase", "method", "paraphrases")]
     lines = ["| erase | method | " + " | ".join(keys) + " |", "|" + "---|" * (2 + len(keys))]
     for row in rows:
-        cells = [f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in keys]
+        cells = [table_cell(row[k]) for k in keys]
         lines.append(f"| {row['erase']} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -185,13 +185,19 @@ def with_word(prompt: str, word: str, replacement: str) -> str:
 
 
 def judge_attack(
-    judge: Judge, erasure: Erasure, concept: Concept, samples: int, seed: int, steps: int = ATTACK_STEPS
+    judge: Judge,
+    erasure: Erasure,
+    concept: Concept,
+    samples: int,
+    seed: int,
+    steps: int = ATTACK_STEPS,
+    tokens: int = 1,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Does it come back?  A one-token textual-inversion attack on the erased model, trained in
-    every sentence of the erase prompts, judged by ``attack_accuracy``."""
+    """Does it come back?  A textual-inversion attack on the erased model (``steps`` x ``tokens``),
+    trained in every sentence of the erase prompts, judged by ``attack_accuracy``."""
     erase, _ = prompt_groups(concept, samples)
     contexts = list(dict.fromkeys(with_word(p, concept.name, "{}") for p in erase.prompts))
-    config = AttackConfig(concept.name, contexts, steps=steps, seed=erasure.config.seed)
+    config = AttackConfig(concept.name, contexts, tokens, steps, seed=erasure.config.seed)
     attack = learn_attack(erasure.denoiser, erasure.deltas, config)
     metrics, images = attack_accuracy(judge, erasure.denoiser, erasure.deltas, attack, concept, samples, seed)
     metrics |= {"attack_recovered": round(attack.recovered, 4), "attack_seconds": round(attack.seconds, 1)}
