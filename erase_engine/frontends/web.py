@@ -60,6 +60,9 @@ class Host:
         """A LoRA or checkpoint of ``denoiser``'s model was written: refresh the host's lists."""
 
 
+STOPPING = "Stopping after the current step..."
+
+
 @dataclass
 class Job:
     """One erasure running in a worker thread; the interface polls it."""
@@ -86,7 +89,9 @@ class Job:
             self.done.set()
 
     def progress(self, where: Progress) -> None:
-        if where.phase == "sampling":
+        if self.stop.is_set():
+            self.text = STOPPING
+        elif where.phase == "sampling":
             self.text = f"sampling the trajectory cache ({where.step}/{where.total})"
         else:
             self.text = f"step {where.step}/{where.total}, loss {where.losses['loss']:.4g}"
@@ -164,11 +169,12 @@ class Session:
             self.host.saved(kind, path, job.denoiser)
         return written
 
-    def request_stop(self) -> str:
-        if self.job is None or self.job.done.is_set():
-            return "Nothing is running."
-        self.job.stop.set()
-        return "Stopping after the current step..."
+    def request_stop(self) -> None:
+        """The Stop button: the running job says so in its own status stream, so this reply can never
+        arrive after (and overwrite) the run's final "Stopped" message."""
+        if self.job is not None and not self.job.done.is_set():
+            self.job.stop.set()
+            self.job.text = STOPPING
 
     def purify(self, image, prompt, steps, strength):
         if image is None or self.last is None:
@@ -246,7 +252,7 @@ def build_ui(host: Host):
 
         inputs = [form[name] for name in FORM]
         start.click(session.erase, inputs, [status, grid, losses, files])
-        stop.click(session.request_stop, None, status, queue=False)
+        stop.click(session.request_stop, None, None, queue=False)
         purify_button.click(session.purify, [source, purify_prompt, purify_steps, strength], [purified, purify_status])
     return blocks
 
