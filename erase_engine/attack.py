@@ -69,6 +69,19 @@ class AttackConfig:
         if not 1 <= self.steps <= 100_000:
             raise ValueError(f"steps must be between 1 and 100000, got {self.steps}")
 
+    @classmethod
+    def against(cls, erased: EraseConfig, concept: str = "", **budget) -> AttackConfig:
+        """The attack on an erasure made with ``erased``: its first concept unless another is
+        given, and its trajectory settings (the states it was trained at)."""
+        return cls(
+            concept.strip() or erased.erase[0],
+            trajectories=erased.trajectories,
+            sampler_steps=erased.sampler_steps,
+            sampler_cfg=erased.sampler_cfg,
+            resolution=erased.resolution,
+            **budget,
+        )
+
     def prompt_pairs(self) -> list[tuple[str, str]]:
         """(the concept in a context, the same sentence with the embedding in its place)."""
         return [(c.replace("{}", self.concept), c.replace("{}", placeholders(self.tokens))) for c in self.contexts]

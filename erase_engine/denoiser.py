@@ -215,10 +215,9 @@ class Denoiser(ABC):
         autograd would fill a ``.grad`` the size of the UNet) and that autograd can save (a
         host may have made its weights under ``torch.inference_mode``: ComfyUI's, Forge's).
         Rebuilt if the host swapped any parameter."""
-        named = dict(self.network.named_parameters())
-        addresses = tuple(p.data_ptr() for p in named.values())
+        addresses = tuple(p.data_ptr() for p in self.network.parameters())
         if self._aliases is None or self._aliases[0] != addresses:
-            self._aliases = addresses, {name: normal_alias(p.detach()) for name, p in named.items()}
+            self._aliases = addresses, normal_parameters(self.network)
         return self._aliases[1]
 
 
@@ -230,6 +229,23 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 def to_signed_range(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] as a VAE's input in [-1, 1]."""
     return images * 2 - 1
+
+
+def _saved_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """What autograd keeps of an activation: a copy, so later in-place updates cannot change it."""
+    return tensor.clone() if tensor.grad_fn is not None else tensor
+
+
+def copying_saved_activations() -> torch.autograd.graph.saved_tensors_hooks:
+    """A context for hosts' inference code that updates activations in place after autograd saved
+    them (``x += residual``): autograd keeps copies instead (more activation memory)."""
+    return torch.autograd.graph.saved_tensors_hooks(_saved_copy, lambda tensor: tensor)
+
+
+def normal_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Each parameter of ``module`` as a normal alias that needs no gradient, by name (for
+    ``functional_call``: see ``Denoiser._frozen_weights``)."""
+    return {name: normal_alias(p.detach()) for name, p in module.named_parameters()}
 
 
 def normal_alias(tensor: torch.Tensor) -> torch.Tensor:

@@ -161,6 +161,32 @@ def write_report(
     return folder
 
 
+def attack_grid(
+    denoiser: Denoiser,
+    deltas: WeightDeltas,
+    attack: Attack,
+    seeds: list[int],
+    steps: int = 25,
+    cfg_scale: float = 7.5,
+) -> Image.Image:
+    """For each of the attack's contexts: the original model asked for the concept, the erased
+    model asked for it, the erased model asked with the embedding (same seeds)."""
+    concepts, attacks = zip(*attack.config.prompt_pairs(), strict=True)
+    asked = [p for p in concepts for _ in seeds]
+    every_seed = seeds * len(concepts)
+    resolution = attack.config.resolution
+    rows = {
+        "original": generate(denoiser, asked, every_seed, steps, cfg_scale, None, resolution),
+        "erased": generate(denoiser, asked, every_seed, steps, cfg_scale, deltas, resolution),
+        "erased + attack": generate(
+            denoiser, attack.condition(denoiser, [p for p in attacks for _ in seeds]), every_seed, steps, cfg_scale,
+            deltas, resolution,
+        ),
+    }  # fmt: skip
+    shaped = {name: images.reshape(len(concepts), len(seeds), *images.shape[1:]) for name, images in rows.items()}
+    return versions_grid(list(concepts), shaped, seeds)
+
+
 def write_attack_report(
     folder: str | Path,
     denoiser: Denoiser,
@@ -171,26 +197,12 @@ def write_attack_report(
     steps: int = 25,
     cfg_scale: float = 7.5,
 ) -> Path:
-    """attack.png (for each context: the original model asked for the concept, the erased model
-    asked for it, the erased model asked with the embedding; same seeds) and summary.json."""
+    """attack.png (``attack_grid``) and summary.json."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = attack.config
     seeds = seeds or [config.seed + i for i in range(4)]
-    concepts, attacks = zip(*config.prompt_pairs(), strict=True)
-    asked = [p for p in concepts for _ in seeds]
-    every_seed = seeds * len(concepts)
-    resolution = config.resolution
-    rows = {
-        "original": generate(denoiser, asked, every_seed, steps, cfg_scale, None, resolution),
-        "erased": generate(denoiser, asked, every_seed, steps, cfg_scale, deltas, resolution),
-        "erased + attack": generate(
-            denoiser, attack.condition(denoiser, [p for p in attacks for _ in seeds]), every_seed, steps, cfg_scale,
-            deltas, resolution,
-        ),
-    }  # fmt: skip
-    shaped = {name: images.reshape(len(concepts), len(seeds), *images.shape[1:]) for name, images in rows.items()}
-    versions_grid(list(concepts), shaped, seeds).save(folder / "attack.png")
+    attack_grid(denoiser, deltas, attack, seeds, steps, cfg_scale).save(folder / "attack.png")
     summary = {
         "base_model": denoiser.info.name,
         "architecture": denoiser.info.architecture,

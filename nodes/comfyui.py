@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import comfy.model_management
 import comfy.sd
 import comfy.utils
@@ -11,12 +14,13 @@ import numpy as np
 import torch
 from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
+from ..erase_engine.attack import AttackConfig, learn_attack, save_embedding
 from ..erase_engine.exports import lora_state_dict, save_checkpoint, save_lora
 from ..erase_engine.files import model_file_path
 from ..erase_engine.hosts.comfyui import ComfyDenoiser
 from ..erase_engine.parameters import PARAMETERS, EraseConfig, Parameter
 from ..erase_engine.purify import purify
-from ..erase_engine.report import before_after_images, grid_image, training_plot
+from ..erase_engine.report import attack_grid, before_after_images, grid_image, training_plot
 from ..erase_engine.trainer import Erasure, Progress, erase_concept
 
 CATEGORY = "concept erasing"
@@ -35,6 +39,43 @@ def comfy_patches(erasure: Erasure) -> dict[str, torch.Tensor]:
 def image_batch(picture) -> torch.Tensor:
     """A PIL image as ComfyUI's IMAGE: [1, H, W, 3] floats in [0, 1]."""
     return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def progress_bar(sampler_steps: int, steps: int) -> Callable[[Progress], None]:
+    """A progress callback for ComfyUI's bar over both phases (the trajectory cache's sampler
+    steps, then training or attacking) that also answers Cancel in either phase."""
+    total = sampler_steps + steps
+    bar = comfy.utils.ProgressBar(total)
+
+    def progress(where: Progress) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(where.step if where.phase == "sampling" else sampler_steps + where.step, total)
+
+    return progress
+
+
+def show_text(node: type[io.ComfyNode], text: str) -> None:
+    """Text under the running node, as ComfyUI's own nodes write theirs."""
+    if node.hidden.unique_id is not None:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node.hidden.unique_id)
+
+
+def given_erasure(erasure: Erasure | None, erased_model) -> Erasure:
+    """The ERASURE input, or the one Erase Concept attached to its erased MODEL."""
+    if erasure is None and erased_model is not None:
+        erasure = erased_model.get_attachment(ATTACHMENT)
+    if erasure is None:
+        raise ValueError("connect an ERASURE, or the erased MODEL that Erase Concept returned")
+    return erasure
+
+
+def erasure_inputs() -> list[io.Input]:
+    return [
+        ErasureType.Input("erasure", optional=True),
+        io.Model.Input("erased_model", optional=True, tooltip="Instead of ERASURE: the MODEL output of Erase Concept."),
+    ]
 
 
 def parameter_input(spec: Parameter) -> io.Input:
@@ -90,23 +131,14 @@ class EraseConcept(io.ComfyNode):
     def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:
         config = EraseConfig.from_form(values)
         most = config.steps or config.max_steps  # auto may stop before its maximum
-        total = config.sampler_steps + most  # the trajectory cache's sampler steps, then training
-        bar = comfy.utils.ProgressBar(total)
+        bar = progress_bar(config.sampler_steps, most)
         shown = {}
 
-        def show_text(text: str) -> None:  # under the node, as ComfyUI's own nodes write theirs
-            if cls.hidden.unique_id is not None:
-                from server import PromptServer
-
-                PromptServer.instance.send_progress_text(text, cls.hidden.unique_id)
-
         def progress(where: Progress) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel, in either phase
-            done = where.step if where.phase == "sampling" else config.sampler_steps + where.step
-            bar.update_absolute(done, total)
+            bar(where)
             if where.score is not None and where.score is not shown.get("score"):  # a new held-out score
                 shown["score"] = where.score
-                show_text(f"step {where.step}/{most}: remaining {where.score.remaining:.2f}")
+                show_text(cls, f"step {where.step}/{most}: remaining {where.score.remaining:.2f}")
 
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             erasure = erase_concept(ComfyDenoiser(model, clip, vae), config, progress=progress)
@@ -115,7 +147,7 @@ class EraseConcept(io.ComfyNode):
             before, after = before_after_images(erasure, prompts, seeds, steps=config.sampler_steps)
         erased_model, _ = comfy.sd.load_lora_for_models(model, None, comfy_patches(erasure), 1.0, 0)
         erased_model.set_attachments(ATTACHMENT, erasure)
-        show_text(f"{erasure.scores[-1][0]} steps ({erasure.stopped})\nheld-out score: {erasure.score.summary()}")
+        show_text(cls, f"{erasure.scores[-1][0]} steps ({erasure.stopped})\nheld-out score: {erasure.score.summary()}")
         preview = image_batch(grid_image(prompts, before, after, seeds))
         curve = ui.PreviewImage(image_batch(training_plot(erasure)), cls=cls)  # as ComfyUI's training nodes do
         return io.NodeOutput(erased_model, erasure, preview, ui=curve)
@@ -215,10 +247,7 @@ class PurifyImage(io.ComfyNode):
                     step=0.05,
                     tooltip="How far to invert: more removes more, keeps less.",
                 ),
-                ErasureType.Input("erasure", optional=True),
-                io.Model.Input(
-                    "erased_model", optional=True, tooltip="Instead of ERASURE: the MODEL output of Erase Concept."
-                ),
+                *erasure_inputs(),
             ],
             outputs=[io.Image.Output()],
         )
@@ -227,10 +256,7 @@ class PurifyImage(io.ComfyNode):
     def execute(
         cls, image, vae, clip, model, prompt, steps, strength, erasure=None, erased_model=None
     ) -> io.NodeOutput:
-        if erasure is None and erased_model is not None:
-            erasure = erased_model.get_attachment(ATTACHMENT)
-        if erasure is None:
-            raise ValueError("connect an ERASURE, or the erased MODEL that Erase Concept returned")
+        erasure = given_erasure(erasure, erased_model)
         with torch.inference_mode(False):
             denoiser = ComfyDenoiser(model, clip, vae)
             deltas = erasure.deltas.to(denoiser.device)
@@ -239,9 +265,72 @@ class PurifyImage(io.ComfyNode):
         return io.NodeOutput(purified.movedim(1, -1).cpu())
 
 
+class AttackErasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AllButOneAttackErasure",
+            display_name="Attack Erasure (does it come back?)",
+            category=CATEGORY,
+            description="Learn a textual-inversion embedding that brings the erased concept back on the erased "
+            "model, save it into models/embeddings, and show original / erased / erased + attack (same seeds).",
+            inputs=[
+                io.Model.Input("model", tooltip="The original model (the erasure's base)."),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the grid (without it, a rough latent preview)."),
+                io.String.Input("concept", default="", tooltip="The erased concept (empty: the erasure's first)."),
+                io.String.Input(
+                    "contexts",
+                    default="{}",
+                    multiline=True,
+                    tooltip="Sentences to attack in, one a line; {} stands for the concept.",
+                ),
+                io.Int.Input("steps", default=AttackConfig.steps, min=1, max=100_000, tooltip="The attack's budget."),
+                io.Int.Input("tokens", default=AttackConfig.tokens, min=1, max=16, tooltip="Vectors in the embedding."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.String.Input(
+                    "name",
+                    default="attack",
+                    tooltip="File name in the first 'embeddings' folder; in a prompt: embedding:<name>.",
+                ),
+                *erasure_inputs(),
+            ],
+            hidden=[io.Hidden.unique_id],
+            outputs=[
+                io.Image.Output(
+                    display_name="grid", tooltip="Original / erased / erased + attack for each context, same seeds."
+                ),
+                io.String.Output(display_name="path"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(
+        cls, model, clip, concept, contexts, steps, tokens, seed, name, vae=None, erasure=None, erased_model=None
+    ) -> io.NodeOutput:
+        erasure = given_erasure(erasure, erased_model)
+        if name.split() != [name]:
+            raise ValueError(f"the name {name!r} must be one word: ComfyUI reads embedding:<name> up to a space")
+        folder = Path(folder_paths.get_folder_paths("embeddings")[0])
+        folder.mkdir(parents=True, exist_ok=True)  # ComfyUI's own embeddings folder, absent in a bare install
+        path = model_file_path(folder, name)
+        lines = [line for line in contexts.splitlines() if line.strip()]
+        config = AttackConfig.against(erasure.config, concept, contexts=lines, tokens=tokens, steps=steps, seed=seed)
+        with torch.inference_mode(False):
+            denoiser = ComfyDenoiser(model, clip, vae)
+            deltas = erasure.deltas.to(denoiser.device)
+            progress = progress_bar(config.sampler_steps, config.steps)
+            attack = learn_attack(denoiser, deltas, config, progress=progress)
+            grid = attack_grid(denoiser, deltas, attack, [seed, seed + 1], steps=config.sampler_steps)
+        path = save_embedding(attack, denoiser, path, if_exists="number")
+        show_text(cls, f"recovered {attack.recovered:.2f} of the concept; in a prompt: embedding:{path.stem}")
+        return io.NodeOutput(image_batch(grid), str(path), ui={"text": [path.name]})
+
+
 class ConceptErasingExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [EraseConcept, SaveErasedLoRA, SaveErasedCheckpoint, PurifyImage]
+        return [EraseConcept, SaveErasedLoRA, SaveErasedCheckpoint, PurifyImage, AttackErasure]
 
 
 async def comfy_entrypoint() -> ConceptErasingExtension:

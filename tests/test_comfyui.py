@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from support import ROOT
 from support.browser import chromium, needs_chromium
-from support.comfyui import CHECKPOINT, example, image_array, needs_comfyui, start_server
+from support.comfyui import CHECKPOINT, COMFYUI_DIR, example, image_array, needs_comfyui, start_server
 
 from erase_engine.parameters import PARAMETERS
 
@@ -36,6 +38,7 @@ def test_pack_registers_its_nodes(server):
         "AllButOneSaveErasedLoRA": "Save Erased LoRA",
         "AllButOneSaveErasedCheckpoint": "Save Erased Checkpoint",
         "AllButOnePurifyImage": "Purify Image",
+        "AllButOneAttackErasure": "Attack Erasure (does it come back?)",
     }
     assert all(info[k]["category"] == "concept erasing" for k in names)
 
@@ -141,7 +144,81 @@ def test_d_purify_an_image(server):
     assert np.abs(purified - original).mean() > 1  # regenerated, not passed through
 
 
-EXAMPLES = ["a_erase_and_compare", "b_erase_and_save", "c_load_erased_lora", "d_purify_image"]
+def test_e_attack_saves_an_embedding_that_comfyuis_prompt_word_loads(server):
+    outputs = server.run(example("e_attack_erasure"))
+    path = server.base / "models" / "embeddings" / outputs["30"]["text"][0]
+    with safe_open(path, "pt") as f:
+        vectors, metadata = f.get_tensor("emb_params"), f.metadata()
+    assert vectors.shape == (1, 768) and json.loads(metadata["attack.config"])["concept"] == "Van Gogh"
+    from erase_engine.report import HEADER, TILE
+
+    grid = image_array(server, outputs, "31")
+    assert grid.shape[0] == HEADER + 3 * 64 * -(-TILE // 64)  # original, erased, erased + attack
+
+    # The stock text encoder reads the file for embedding:<name> (no warning that it does not exist),
+    # and the erased MODEL draws something else with it than with the concept's words, same seed.
+    log_before = len(server.log_text())
+    asked = {}
+    for word in ("Van Gogh", f"embedding:{path.stem}"):
+        workflow = example("e_attack_erasure")
+        del workflow["30"], workflow["31"]
+        workflow.update(sampled_with(["2", 0], f"a painting, {word}"))
+        asked[word] = image_array(server, server.run(workflow), "54")
+    assert "does not exist" not in server.log_text()[log_before:]
+    assert np.abs(asked["Van Gogh"] - asked[f"embedding:{path.stem}"]).max() > 0
+
+
+def test_the_adapters_embedding_is_comfyuis_own_embedding_word(server):
+    """In a ComfyUI process: the adapter's differentiable encoding with learned vectors equals what
+    ComfyUI's tokenizer and text encoder make of the same vectors saved as ``embedding:<name>``."""
+    script = ROOT / "tests" / "support" / "comfyui_embedding.py"
+    command = [os.environ.get("COMFYUI_PYTHON", sys.executable), str(script)]
+    folder = server.base / "probe-embeddings"
+    folder.mkdir(exist_ok=True)
+    checkpoint = server.base / "models" / "checkpoints" / CHECKPOINT
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(COMFYUI_DIR), str(ROOT)])}
+    done = subprocess.run(
+        [*command, str(checkpoint), str(folder)], cwd=COMFYUI_DIR, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["difference"] == 0.0, figures
+    assert figures["changed"] > 0.1 and figures["gradient"] > 0, figures
+
+
+def sampled_with(model: list, prompt: str) -> dict:
+    """Nodes 50-54: ``model`` samples ``prompt`` with stock nodes (8x8 latent, 3 steps, seed 0)."""
+    return {
+        "50": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "51": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "52": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "53": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model,
+                "positive": ["50", 0],
+                "negative": ["51", 0],
+                "latent_image": ["52", 0],
+                "seed": 0,
+                "steps": 3,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
+        "54": {
+            "class_type": "SaveImage",
+            "inputs": {
+                "images": ["55", 0],
+                "filename_prefix": "attack/sampled",
+            },
+        },
+        "55": {"class_type": "VAEDecode", "inputs": {"samples": ["53", 0], "vae": ["1", 2]}},
+    }
+
+
+EXAMPLES = ["a_erase_and_compare", "b_erase_and_save", "c_load_erased_lora", "d_purify_image", "e_attack_erasure"]
 
 
 @needs_chromium

@@ -75,6 +75,19 @@ def test_erase_in_the_browser_shows_progress_result_and_downloads_the_lora(app, 
         assert f.keys() and all(k.startswith("lora_unet_") for k in f.keys())
     assert path.read_bytes() == (folder / "no-stars.safetensors").read_bytes()
 
+    # Then attack that erasure from its section: progress, the grid, the embedding in the folder.
+    page.click("#ce_attack_section")
+    page.locator("#ce_attack_steps input[type=number]").fill("20")
+    page.locator("#ce_attack_steps input[type=number]").press("Tab")
+    fill_text(page, "attack_name", "star-attack")
+    page.click("#ce_attack")
+    wait_for_status(page, "Attacking the erasure of 'star'", 120, "ce_attack_status")
+    wait_for_status(page, "Done", 300, "ce_attack_status")
+    assert "recovered" in status(page, "ce_attack_status")
+    assert page.locator("#ce_attack_grid img").count() == 1
+    with safe_open(folder / "star-attack.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["attack.config"])["steps"] == 20
+
 
 def test_stop_mid_run_saves_nothing(app, page):
     _, folder = app
@@ -99,21 +112,14 @@ def test_bad_input_is_reported_in_the_page(app, page):
     assert "non-empty concept" in status(page)
 
 
-def test_purify_section_uses_the_last_erasure(tmp_path):
-    """The interface's purify handler, without a browser: after an erasure, an image in gives
-    an image of the same size out; before one, a message."""
-    pytest.importorskip("gradio")
-    from PIL import Image
-
-    from erase_engine.frontends.web import FORM, Session, StandaloneHost
+def quick_erasure(session, folder) -> None:
+    """A two-step erasure of "star" on the built-in model through the Start button's handler."""
+    from erase_engine.frontends.web import FORM
     from erase_engine.parameters import PARAMETERS
 
-    session = Session(StandaloneHost(folder=str(tmp_path)))
-    image = Image.new("RGB", (40, 24), "red")
-    assert session.purify(image, "a red star", 2, 0.5) == (None, "Run an erasure first, then give an image.")
     form = {spec.name: spec.default for spec in PARAMETERS} | {
         "model": "builtin:shapes",
-        "folder": str(tmp_path),
+        "folder": str(folder),
         "erase": "star",
         "steps": 2,
         "lr": 3e-3,
@@ -124,6 +130,49 @@ def test_purify_section_uses_the_last_erasure(tmp_path):
         "want_checkpoint": False,
     }
     updates = list(session.erase(*(form[name] for name in FORM)))
-    assert updates[-1][0].startswith("Done") and updates[-1][1] is not None and list(tmp_path.iterdir()) == []
+    assert updates[-1][0].startswith("Done") and updates[-1][1] is not None and list(folder.iterdir()) == []
+
+
+def test_purify_section_uses_the_last_erasure(tmp_path):
+    """The interface's purify handler, without a browser: after an erasure, an image in gives
+    an image of the same size out; before one, a message."""
+    pytest.importorskip("gradio")
+    from PIL import Image
+
+    from erase_engine.frontends.web import Session, StandaloneHost
+
+    session = Session(StandaloneHost(folder=str(tmp_path)))
+    image = Image.new("RGB", (40, 24), "red")
+    assert session.purify(image, "a red star", 2, 0.5) == (None, "Run an erasure first, then give an image.")
+    quick_erasure(session, tmp_path)
     purified, message = session.purify(image, "a red star", 2, 0.5)
     assert message == "Purified." and purified.size == (40, 24)
+
+
+def test_attack_section_attacks_the_last_erasure_saves_the_embedding_and_stops_cleanly(tmp_path):
+    """The Attack button's handler, without a browser: before an erasure a message; after one, an
+    embedding of the erased concept in the folder and the grid; Stop mid-attack writes nothing;
+    a name that is not one word is refused."""
+    pytest.importorskip("gradio")
+    from erase_engine.frontends.web import Session, StandaloneHost
+
+    session = Session(StandaloneHost(folder=str(tmp_path)))
+    assert list(session.attack("", 3, 1, "early", str(tmp_path)))[-1][0].startswith("Run an erasure first")
+    quick_erasure(session, tmp_path)
+
+    status, grid, files = list(session.attack("", 3, 1, "probe", str(tmp_path)))[-1]
+    path = tmp_path / "probe.safetensors"
+    assert status.startswith("Done") and grid is not None and files == [str(path)], status
+    with safe_open(path, "pt") as f:
+        assert f.get_tensor("emb_params").shape[0] == 1
+        assert json.loads(f.metadata()["attack.config"])["concept"] == "star"
+
+    updates = session.attack("", 5000, 1, "stopped", str(tmp_path))
+    for status, _, _ in updates:
+        if "step " in status:
+            session.request_stop()
+    assert status.startswith("**Stopped") and "Nothing was saved" in status, status
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.safetensors"]
+
+    status = list(session.attack("", 3, 1, "two words", str(tmp_path)))[-1][0]
+    assert status.startswith("**Error") and "one word" in status, status

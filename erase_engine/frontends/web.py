@@ -8,17 +8,21 @@ progress and asks to stop; everything else is the engine's.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+from ..attack import AttackConfig, learn_attack, save_embedding
 from ..builtin import BUILTIN_MODEL
 from ..denoiser import Denoiser
 from ..exports import save_checkpoint, save_lora
 from ..files import model_file_path
 from ..parameters import PARAMETERS, EraseConfig, Parameter
 from ..purify import purify_picture
-from ..report import before_after_images, grid_image, training_plot
-from ..trainer import Erasure, ErasureCancelled, Progress, erase_concept
+from ..report import attack_grid, before_after_images, grid_image, training_plot
+from ..trainer import Erasure, ErasureCancelled, Progress, ProgressFn, erase_concept
 
 # The form's fields, in the order the Start button passes them.
 FORM = ["model", "folder", *(spec.name for spec in PARAMETERS), "name", "want_lora", "want_checkpoint"]
@@ -32,6 +36,7 @@ class Host:
     chooses_model = True  # show model and folder fields (the standalone app)
     default_model = BUILTIN_MODEL
     default_folder = "."
+    attacks = True  # show the attack section (its adapter can learn a word)
 
     def denoiser(self, model: str) -> Denoiser:
         raise NotImplementedError
@@ -42,6 +47,10 @@ class Host:
         if not path.is_dir():
             raise ValueError(f"the folder {folder!r} does not exist")
         return path, path
+
+    def embeddings_folder(self, folder: str) -> Path:
+        """Where an attack's embedding goes."""
+        return self.folders(folder)[0]
 
     def begin(self, total: int) -> None:
         """A job starts (the host's progress bar, its interrupt flag)."""
@@ -57,7 +66,7 @@ class Host:
         """The job ended, however it ended."""
 
     def saved(self, kind: str, path: Path, denoiser: Denoiser) -> None:
-        """A LoRA or checkpoint of ``denoiser``'s model was written: refresh the host's lists."""
+        """A LoRA, checkpoint or embedding of ``denoiser``'s model was written: refresh the host's lists."""
 
 
 STOPPING = "Stopping after the current step..."
@@ -65,21 +74,22 @@ STOPPING = "Stopping after the current step..."
 
 @dataclass
 class Job:
-    """One erasure running in a worker thread; the interface polls it."""
+    """One long run (an erasure or an attack) in a worker thread; the interface polls it.
+    ``work(progress, should_stop)`` is the engine's call."""
 
-    denoiser: Denoiser
-    config: EraseConfig
+    work: Callable[[ProgressFn, Callable[[], bool]], object]
+    steps: int  # at most, for the host's progress bar
     host: Host
     text: str = "sampling the trajectory cache..."
-    erasure: Erasure | None = None
+    result: Any = None
     error: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
-        self.host.begin(self.config.steps or self.config.max_steps)
+        self.host.begin(self.steps)
         try:
-            self.erasure = erase_concept(self.denoiser, self.config, self.progress, self.should_stop)
+            self.result = self.work(self.progress, self.should_stop)
         except ErasureCancelled as cancelled:
             self.error = f"Stopped: {cancelled}. Nothing was saved."
         except Exception as failure:  # shown in the interface; the host's model is untouched either way
@@ -104,13 +114,28 @@ class Job:
 
 
 class Session:
-    """The interface's state: the running job and the last result."""
+    """The interface's state: the running job and the last erasure."""
 
     def __init__(self, host: Host):
         self.host = host
         self.job: Job | None = None
         self.last: Erasure | None = None
         self.lock = threading.Lock()
+
+    def start(self, make_job: Callable[[], Job]) -> Job:
+        """Make a job (loading the model) and run it, unless one is running (one at a time)."""
+        with self.lock:
+            if self.job is not None and not self.job.done.is_set():
+                raise ValueError("an erasure or an attack is already running")
+            self.job = job = make_job()
+        threading.Thread(target=job.run, name="concept-erasing", daemon=True).start()
+        return job
+
+    @staticmethod
+    def follow(job: Job, doing: str) -> Iterator[str]:
+        """The job's status every half second until it ends."""
+        while not job.done.wait(0.5):
+            yield f"{doing}: {job.text}"
 
     def erase(self, *values):
         """Generator for the Start button (inputs in ``FORM`` order): (status, grid, loss plot, files) updates."""
@@ -124,33 +149,34 @@ class Session:
             if want_checkpoint:
                 outputs["checkpoint"] = model_file_path(checkpoint_folder, name)
             yield "Loading the model...", None, None, None
-            with self.lock:  # one erasure at a time per interface
-                if self.job is not None and not self.job.done.is_set():
-                    raise ValueError("an erasure is already running")
-                self.job = job = Job(self.host.denoiser(model), config, self.host)
+
+            def erasure_job() -> Job:
+                denoiser = self.host.denoiser(model)
+                return Job(partial(erase_concept, denoiser, config), config.steps or config.max_steps, self.host)
+
+            job = self.start(erasure_job)
         except (ValueError, FileNotFoundError, KeyError) as error:
             yield f"**Error:** {error}", None, None, None
             return
-        threading.Thread(target=job.run, name="concept-erasing", daemon=True).start()
-        while not job.done.wait(0.5):
-            yield f"Erasing '{config.erase[0]}': {job.text}", None, None, None
+        for text in self.follow(job, f"Erasing '{config.erase[0]}'"):
+            yield text, None, None, None
         if job.error is not None:
             yield f"**{job.error}**", None, None, None
             return
-        plot = training_plot(job.erasure)
+        erasure = job.result
+        plot = training_plot(erasure)
         yield "Saving and drawing the before/after grid...", None, plot, None
         try:
-            written = self.write(job, outputs)
+            written = self.write(erasure, outputs)
         except OSError as error:
             yield f"**Could not save:** {error}. Nothing was written.", None, plot, None
             return
-        self.last = job.erasure
+        self.last = erasure
         prompts = list(dict.fromkeys(config.erase + config.preserve[:3]))
         seeds = [config.seed, config.seed + 1]
-        before, after = before_after_images(job.erasure, prompts, seeds)
+        before, after = before_after_images(erasure, prompts, seeds)
         summary = ", ".join(f"{kind} `{path}`" for kind, path in written.items()) or "nothing saved"
         files = [str(p) for p in written.values()] or None
-        erasure = job.erasure
         done = f"Done in {erasure.seconds['total']:.0f} s, {erasure.scores[-1][0]} steps ({erasure.stopped})"
         yield (
             f"{done}; held-out score: {erasure.score.summary()}. Saved: {summary}.",
@@ -159,15 +185,53 @@ class Session:
             files,
         )
 
-    def write(self, job: Job, outputs: dict[str, Path]) -> dict[str, Path]:
+    def write(self, erasure: Erasure, outputs: dict[str, Path]) -> dict[str, Path]:
         written = {}
         if "lora" in outputs:
-            written["lora"] = save_lora(job.erasure, outputs["lora"], svd_rank=16, if_exists="number")
+            written["lora"] = save_lora(erasure, outputs["lora"], svd_rank=16, if_exists="number")
         if "checkpoint" in outputs:
-            written["checkpoint"] = save_checkpoint(job.erasure, outputs["checkpoint"], if_exists="number")
+            written["checkpoint"] = save_checkpoint(erasure, outputs["checkpoint"], if_exists="number")
         for kind, path in written.items():
-            self.host.saved(kind, path, job.denoiser)
+            self.host.saved(kind, path, erasure.denoiser)
         return written
+
+    def attack(self, concept: str, steps, tokens, name: str, folder: str):
+        """Generator for the Attack button: (status, grid, file) updates.  Learns an embedding that
+        brings the last erasure's concept back, saves it into the embeddings folder."""
+        erasure = self.last
+        if erasure is None:
+            yield "Run an erasure first: the attack is made against the last one.", None, None
+            return
+        try:
+            config = AttackConfig.against(erasure.config, concept, steps=int(steps), tokens=int(tokens))
+            path = model_file_path(self.host.embeddings_folder(folder), name)
+            if name.split() != [name.strip()]:
+                raise ValueError(f"the name {name!r} must be one word: it is the embedding's word in a prompt")
+            denoiser, deltas = erasure.denoiser, erasure.deltas
+            job = self.start(lambda: Job(partial(learn_attack, denoiser, deltas, config), config.steps, self.host))
+        except (ValueError, FileNotFoundError) as error:
+            yield f"**Error:** {error}", None, None
+            return
+        for text in self.follow(job, f"Attacking the erasure of '{config.concept}'"):
+            yield text, None, None
+        if job.error is not None:
+            yield f"**{job.error}**", None, None
+            return
+        attack = job.result
+        yield "Saving and drawing original / erased / erased + attack...", None, None
+        try:
+            path = save_embedding(attack, denoiser, path, if_exists="number")
+        except OSError as error:
+            yield f"**Could not save:** {error}. Nothing was written.", None, None
+            return
+        self.host.saved("embedding", path, denoiser)
+        grid = attack_grid(denoiser, deltas, attack, [config.seed, config.seed + 1])
+        yield (
+            f"Done in {attack.seconds:.0f} s: the embedding recovered {attack.recovered:.2f} of the concept "
+            f"(0: no closer than its own words; 1: fully back). Saved `{path}`; in a prompt: `{path.stem}`.",
+            grid,
+            [str(path)],
+        )
 
     def request_stop(self) -> None:
         """The Stop button: the running job says so in its own status stream, so this reply can never
@@ -249,11 +313,46 @@ def build_ui(host: Host):
                 strength = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Strength")
                 purify_button = gr.Button("Purify")
             purify_status = gr.Markdown("")
+        with gr.Accordion(
+            "Does it come back? Attack the last erasure", open=False, visible=host.attacks, elem_id="ce_attack_section"
+        ):
+            gr.Markdown(
+                "Learns a textual-inversion embedding that asks the erased model for the concept again, "
+                "and saves it into the embeddings folder. An embedding that brings the concept back proves "
+                "that the erasure can be undone; one that does not is evidence, not proof, that it holds."
+            )
+            with gr.Row():
+                attack_concept = gr.Textbox(
+                    label="Concept", info="Empty: the erasure's first concept", elem_id="ce_attack_concept"
+                )
+                attack_steps = gr.Number(
+                    value=AttackConfig.steps, precision=0, minimum=1, label="Attack steps", elem_id="ce_attack_steps"
+                )
+                attack_tokens = gr.Slider(1, 16, value=AttackConfig.tokens, step=1, label="Vectors")
+                attack_name = gr.Textbox(label="Embedding name", value="attack", elem_id="ce_attack_name")
+            with gr.Row():
+                attack_button = gr.Button("Attack", elem_id="ce_attack")
+                attack_stop = gr.Button("Stop", elem_id="ce_attack_stop")
+            attack_status = gr.Markdown("", elem_id="ce_attack_status")
+            with gr.Row():
+                attack_image = gr.Image(
+                    label="Original / erased / erased + attack (same seeds)",
+                    type="pil",
+                    interactive=False,
+                    elem_id="ce_attack_grid",
+                )
+                attack_file = gr.File(label="Embedding", file_count="multiple", interactive=False)
 
         inputs = [form[name] for name in FORM]
         start.click(session.erase, inputs, [status, grid, losses, files])
         stop.click(session.request_stop, None, None, queue=False)
         purify_button.click(session.purify, [source, purify_prompt, purify_steps, strength], [purified, purify_status])
+        attack_button.click(
+            session.attack,
+            [attack_concept, attack_steps, attack_tokens, attack_name, form["folder"]],
+            [attack_status, attack_image, attack_file],
+        )
+        attack_stop.click(session.request_stop, None, None, queue=False)
     return blocks
 
 

@@ -9,17 +9,23 @@ student's weights are swapped in with ``functional_call``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import comfy.model_management
 import comfy.model_sampling
 import torch
+from torch import nn
+from torch.func import functional_call
 
-from ..denoiser import Conditioning
+from ..denoiser import Conditioning, copying_saved_activations, normal_parameters
 from .sigma import SigmaDenoiser
 
 # ComfyUI's model config class -> the engine's architecture name
 ARCHITECTURE = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
 PREDICTION = {comfy.model_sampling.EPS: "epsilon", comfy.model_sampling.V_PREDICTION: "v_prediction"}
+# ComfyUI's names of the text encoders (``clip_<key>`` in its tokenizer and model), in the order
+# embedding files and the other adapters keep them: CLIP-L (SD2: OpenCLIP-H), then SDXL's OpenCLIP-G.
+ENCODER_KEYS = ("l", "h", "g")
 
 
 def model_family(patcher) -> tuple[str, str]:
@@ -34,6 +40,20 @@ def model_family(patcher) -> tuple[str, str]:
             f"this MODEL is {config_name} with {type(sampling).__name__} sampling"
         )
     return ARCHITECTURE[config_name], prediction
+
+
+class TextEncoding(nn.Module):
+    """ComfyUI's own text encoding (``CLIP.encode_from_tokens``) as a module call, so that
+    ``functional_call`` can lend it normal aliases of its weights: ComfyUI made them as inference
+    tensors, which autograd cannot save for a gradient to the token embeddings."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.model = clip.cond_stage_model
+        self.clip = [clip]  # in a list: not a submodule
+
+    def forward(self, tokens: dict) -> dict:
+        return self.clip[0].encode_from_tokens(tokens, return_pooled=True, return_dict=True)
 
 
 class ComfyDenoiser(SigmaDenoiser):
@@ -58,11 +78,50 @@ class ComfyDenoiser(SigmaDenoiser):
         return self.base.manual_cast_dtype or self.base.get_dtype()
 
     def encode(self, prompts: list[str]) -> Conditioning:
-        contexts, pooled = [], []
+        encode = TextEncoding(self.clip)
+        return self._conditioning([encode(self.clip.tokenize(prompt)) for prompt in prompts])
+
+    def encode_with_embedding(self, prompts: list[str], word: str, vectors: list[torch.Tensor]) -> Conditioning:
+        """As ComfyUI puts an ``embedding:name`` in a prompt: each vector takes one token's place
+        in the tokens, and ComfyUI's text encoder reads it in place of that token's embedding."""
+        self.clip.load_model()  # weights patched and placed before they are aliased
+        encode = TextEncoding(self.clip)
+        weights = normal_parameters(encode)
+        word_ids = self._token_ids(word)
+        for key, ids in word_ids.items():
+            if len(ids) != 1:
+                raise ValueError(f"{word!r} is {len(ids)} tokens of ComfyUI's clip_{key} tokenizer, not one")
+        outputs = []
         for prompt in prompts:
-            out = self.clip.encode_from_tokens(self.clip.tokenize(prompt), return_pooled=True, return_dict=True)
-            contexts.append(out["cond"])
-            pooled.append(out["pooled_output"])
+            tokens = self.clip.tokenize(prompt)
+            for key, rows in zip(word_ids, vectors, strict=True):
+                tokens[key] = put_vectors(tokens[key], word_ids[key][0], rows)
+            with copying_saved_activations():  # ComfyUI's CLIP adds its residuals in place
+                outputs.append(functional_call(encode, weights, (tokens,)))
+        return self._conditioning(outputs)
+
+    def word_vectors(self, text: str) -> list[torch.Tensor]:
+        vectors = []
+        for key, ids in self._token_ids(text).items():
+            if not ids:
+                raise ValueError(f"{text!r} has no tokens")
+            table = getattr(self.clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight
+            vectors.append(table[torch.tensor(ids, device=table.device)].detach().float().clone())
+        return vectors
+
+    def _token_ids(self, text: str) -> dict[str, list[int]]:
+        """``text``'s token ids for each text encoder, as ComfyUI's tokenizer reads a word."""
+        ids = {}
+        for key in ENCODER_KEYS:
+            tokenizer = getattr(self.clip.tokenizer, f"clip_{key}", None)
+            if tokenizer is not None:
+                ids[key] = tokenizer.tokenizer(text)["input_ids"][tokenizer.tokens_start : -1]
+        return ids
+
+    def _conditioning(self, outputs: list[dict]) -> Conditioning:
+        """The engine's batch of what ``CLIP.encode_from_tokens`` returned for each prompt."""
+        contexts = [out["cond"] for out in outputs]
+        pooled = [out["pooled_output"] for out in outputs]
         self._load()  # the text encoder may have pushed the UNet off the device
         # Prompts over 75 tokens give longer contexts; repeat each to a common length, as ComfyUI batches them.
         length = math.lcm(*(c.shape[1] for c in contexts))
@@ -102,3 +161,20 @@ class ComfyDenoiser(SigmaDenoiser):
         loaded = [self.patcher, self.clip.load_model()]
         comfy.model_management.load_models_gpu(loaded, force_patch_weights=True, force_full_load=True)
         return self.base.state_dict_for_saving(self.clip.get_sd(), self._vae().get_sd(), None)
+
+
+def put_vectors(chunks: list[list[tuple]], token_id: int, rows: torch.Tensor) -> list[list[tuple]]:
+    """ComfyUI's tokens of one text encoder (chunks of ``(token, weight, ...)``) with the k-th
+    ``token_id`` replaced by the vector ``rows[k]``, as its tokenizer puts an embedding's rows."""
+    found = 0
+    replaced = []
+    for chunk in chunks:
+        row = []
+        for token, *rest in chunk:
+            if isinstance(token, numbers.Integral) and token == token_id:
+                if found >= len(rows):
+                    raise ValueError(f"a prompt holds the placeholder more than the embedding's {len(rows)} times")
+                token, found = rows[found], found + 1
+            row.append((token, *rest))
+        replaced.append(row)
+    return replaced

@@ -21,7 +21,7 @@ from backend.diffusion_engine.sd20 import StableDiffusion2
 from backend.diffusion_engine.sdxl import StableDiffusionXL
 from backend.modules.k_prediction import Prediction
 
-from ..denoiser import Conditioning, to_signed_range, to_unit_range
+from ..denoiser import Conditioning, copying_saved_activations, to_signed_range, to_unit_range
 from .sigma import SigmaDenoiser
 
 # Forge's engine class -> the engine's architecture name
@@ -35,11 +35,6 @@ def write_v_prediction_config(checkpoint: Path) -> Path:
     config = checkpoint.with_suffix(".yaml")
     config.write_text("model:\n  params:\n    parameterization: v\n")
     return config
-
-
-def _saved_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """What autograd keeps of an activation: a copy, so later in-place updates cannot change it."""
-    return tensor.clone() if tensor.grad_fn is not None else tensor
 
 
 def model_family(engine) -> tuple[str, str]:
@@ -112,7 +107,7 @@ class ForgeDenoiser(SigmaDenoiser):
             return super()._predict(x_t, t, cond, weights)
         # Forge's UNet is inference code: it adds residuals in place (``x += n``) after autograd
         # saved ``x``.  The student's pass keeps copies of the activations it saves instead.
-        with torch.autograd.graph.saved_tensors_hooks(_saved_copy, lambda tensor: tensor):
+        with copying_saved_activations():
             return super()._predict(x_t, t, cond, weights)
 
     @torch.no_grad()

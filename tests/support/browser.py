@@ -34,13 +34,13 @@ def chromium():
 
 
 # The Concept Erasing interface (the standalone app and the A1111/Forge tab): elements ``#ce_<name>``.
-def status(page) -> str:
-    return page.locator("#ce_status").first.inner_text()  # gradio 3 puts the id on two nested elements
+def status(page, element: str = "ce_status") -> str:
+    return page.locator(f"#{element}").first.inner_text()  # gradio 3 puts the id on two nested elements
 
 
-def wait_for_status(page, text: str, timeout_s: float) -> None:
+def wait_for_status(page, text: str, timeout_s: float, element: str = "ce_status") -> None:
     page.wait_for_function(
-        f"document.querySelector('#ce_status').innerText.includes({json.dumps(text)})", timeout=timeout_s * 1000
+        f"document.querySelector('#{element}').innerText.includes({json.dumps(text)})", timeout=timeout_s * 1000
     )
 
 

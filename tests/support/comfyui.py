@@ -37,6 +37,7 @@ SMALL = {  # class_type -> inputs that make the shipped examples fast on a CPU
     "KSampler": {"steps": 3},
     "AllButOneEraseConcept": {"steps": 3, "trajectories": 1, "sampler_steps": 3, "resolution": 64},
     "AllButOnePurifyImage": {"steps": 3},
+    "AllButOneAttackErasure": {"steps": 3},
     "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
     "LoadImage": {"image": "example.png"},
 }
