@@ -94,21 +94,34 @@ class LossTerms:
 def surgery_loss(
     objective: Objective,
     target: torch.Tensor,
-    student_erase: torch.Tensor,
+    student_erase: torch.Tensor | None,
     student_uncond: torch.Tensor | None = None,
     teacher_uncond: torch.Tensor | None = None,
     student_preserve: torch.Tensor | None = None,
     teacher_preserve: torch.Tensor | None = None,
+    batch_rows: tuple[int, int, int] | None = None,
 ) -> LossTerms:
-    """The weighted sum; a pinning term is computed only when its weight is non-zero."""
-    erase = F.mse_loss(student_erase, target)
+    """The weighted sum; a pinning term is computed only when its weight is non-zero.
+
+    Each term is a mean squared error over its rows.  ``batch_rows`` (erase, uncond, preserve)
+    counts the rows of the whole batch when these are one rank's share of it (parallel.py): the
+    ranks' terms then add up to the whole batch's.  A term without rows here is 0."""
+    counts = batch_rows or tuple(len(s) if s is not None else 0 for s in (target, student_uncond, student_preserve))
+    erase = _mean_square(student_erase, target, counts[0])
     total = erase
     uncond = preserve = None
     if objective.lambda_u:
-        uncond = F.mse_loss(student_uncond, teacher_uncond)
+        uncond = _mean_square(student_uncond, teacher_uncond, counts[1])
         total = total + objective.lambda_u * uncond
-    if objective.lambda_p and student_preserve is not None:
+    if objective.lambda_p and counts[2]:
         # mean over prompts of each prompt's mean squared error (equal sizes: one mean)
-        preserve = F.mse_loss(student_preserve, teacher_preserve)
+        preserve = _mean_square(student_preserve, teacher_preserve, counts[2])
         total = total + objective.lambda_p * preserve
     return LossTerms(erase, uncond, preserve, total)
+
+
+def _mean_square(student: torch.Tensor | None, teacher: torch.Tensor, rows: int) -> torch.Tensor:
+    """The squared error summed over these rows, divided by ``rows`` rows' elements."""
+    if student is None or not len(student):
+        return teacher.new_zeros(())
+    return F.mse_loss(student, teacher, reduction="sum") / (rows * student[0].numel())

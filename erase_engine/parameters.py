@@ -107,11 +107,37 @@ def checked_contexts(contexts: list[str]) -> list[str]:
     return kept
 
 
+def concept_list(lines: list[str], into: list[str]) -> tuple[list[str], list[str]]:
+    """Concepts as a list gives them (``--erase-file``, a form's erase field): one a line, a line
+    ``concept => alternative`` names its own alternative; blank lines and ``#`` lines are skipped.
+    Returns (concepts, alternatives): ``into`` as given unless a line names one."""
+    erase, named = [], []
+    for line in lines:
+        if line.strip().startswith("#"):
+            continue
+        concept, arrow, alternative = (part.strip() for part in line.partition("=>"))
+        if arrow and not (concept and alternative):
+            raise ValueError(f"write 'concept => alternative', got {line.strip()!r}")
+        if concept:
+            erase.append(concept)
+            named.append(alternative)
+    if not any(named):
+        return erase, into
+    if any(i.strip() for i in into):
+        raise ValueError("give the alternatives either after => in the concept list or as 'into', not both")
+    return erase, named
+
+
 @dataclass
 class EraseConfig:
     """Everything an erasure depends on.  Same config and model: same result."""
 
-    erase: list[str] = parameter("Erase", "The concept to erase, e.g. 'Van Gogh'.", "")
+    erase: list[str] = parameter(
+        "Erase",
+        "The concept to erase, e.g. 'Van Gogh'; several: one a line, 'concept => alternative' to name its own.",
+        "",
+        multiline=True,
+    )
     into: list[str] = parameter(
         "Replace with (optional)", "What to draw instead (empty: nothing); one, or one per erased concept.", ""
     )
@@ -238,12 +264,15 @@ class EraseConfig:
             value = getattr(self, spec.name)
             if spec.unset is not None and value is not None and value == spec.unset:
                 setattr(self, spec.name, None)
-        self.erase = [p.strip() for p in self.erase]
+        self.erase, self.into = concept_list(self.erase, self.into)
         self.into = [p.strip() for p in self.into]
         self.preserve = [p.strip() for p in self.preserve if p.strip()]
         self.contexts = checked_contexts(self.contexts)
-        if not self.erase or not all(self.erase):
+        if not self.erase:
             raise ValueError("give at least one non-empty concept to erase")
+        repeated = [e for i, e in enumerate(self.erase) if e.casefold() in {c.casefold() for c in self.erase[:i]}]
+        if repeated:
+            raise ValueError(f"the concept {repeated[0]!r} is listed twice")
         if self.into and len(self.into) not in (1, len(self.erase)):
             raise ValueError("give one alternative, or one per erased concept")
         if len(self.into) == 1:
@@ -288,6 +317,10 @@ class EraseConfig:
             for erase, into in self.pairs()
             for context in self.contexts
         ]
+
+    def prompt_concepts(self) -> list[str]:
+        """The erased concept of each of ``prompt_pairs``."""
+        return [erase for erase, _ in self.pairs() for _ in self.contexts]
 
     def adversarial_prompts(self, tokens: int) -> dict[str, tuple[str, str]]:
         """For a robust erasure: each erased prompt -> (its concept, the same sentence with the

@@ -15,6 +15,7 @@ import torch
 
 from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
+from .parallel import Ranks
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
@@ -162,15 +163,22 @@ class TrajectoryCache:
         latent_shape: tuple[int, int, int],
         generator: torch.Generator,
         on_step: Callable[[int, int], None] | None = None,
+        ranks: Ranks | None = None,
     ) -> TrajectoryCache:
         """Run the frozen model once: K seeds per prompt, all prompts in one batch
-        (``on_step(done, total)`` after each sampler step)."""
+        (``on_step(done, total)`` after each sampler step).  With several ``ranks`` each
+        samples a share of the rows, from the same noise, and every rank gets all of them."""
+        ranks = ranks or Ranks()
         prompts = list(dict.fromkeys(prompts))
         cond = denoiser.encode(prompts).repeat(trajectories).to(denoiser.device)
         noise = torch.randn((len(cond), *latent_shape), generator=generator).to(denoiser.device, denoiser.dtype)
+        mine = ranks.share(len(cond))
+        if mine.start == mine.stop:
+            raise ValueError(f"{ranks.size} processes for {len(cond)} sampled trajectories: use fewer processes")
         _, trajectory, timesteps = ddim_sample(
-            denoiser, cond, noise, steps, cfg_scale, keep_trajectory=True, on_step=on_step
+            denoiser, cond[mine], noise[mine], steps, cfg_scale, keep_trajectory=True, on_step=on_step
         )
+        trajectory = Trajectory(*(ranks.gather(part, len(cond), dim=1) for part in trajectory))
 
         def per_prompt(part: torch.Tensor) -> torch.Tensor:  # [S, P*K, ...] -> [P, K, S, ...]
             return part.transpose(0, 1).reshape(len(prompts), trajectories, len(timesteps), *latent_shape)

@@ -18,7 +18,7 @@ before training and measure a change relative to the size of the erased concept'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,12 @@ class Score:
     preserve_drift: dict[str, float]  # per preserve prompt
     # a robust erasure's: ``remaining`` with the adversary's word in the concept's place
     adversary_remaining: float | None = None
+    remaining_by_concept: dict[str, float] = field(default_factory=dict)  # ``remaining`` of each erased concept
+
+    @property
+    def worst_remaining(self) -> float:
+        """The least erased concept's ``remaining`` (of several, auto steps wait for every one)."""
+        return max(self.remaining_by_concept.values(), default=self.remaining)
 
     @property
     def worst_preserve_drift(self) -> float:
@@ -53,10 +59,15 @@ class Score:
             "uncond_drift": round(self.uncond_drift, 4),
             "preserve_drift": round(self.worst_preserve_drift, 4),
             "preserve_drift_by_prompt": {p: round(d, 4) for p, d in self.preserve_drift.items()},
+            "remaining_by_concept": {c: round(r, 4) for c, r in self.remaining_by_concept.items()},
         } | robust
 
     def summary(self) -> str:
-        text = f"remaining {self.remaining:.2f}, uncond drift {self.uncond_drift:.3f}"
+        text = f"remaining {self.remaining:.2f}"
+        if len(self.remaining_by_concept) > 1:
+            worst = max(self.remaining_by_concept, key=self.remaining_by_concept.get)
+            text += f" (least erased: {worst!r} {self.remaining_by_concept[worst]:.2f})"
+        text += f", uncond drift {self.uncond_drift:.3f}"
         if self.adversary_remaining is not None:
             text += f", through the adversary {self.adversary_remaining:.2f}"
         return text + (f", preserve drift {self.worst_preserve_drift:.3f}" if self.preserve_drift else "")
@@ -74,12 +85,18 @@ class ScoreProbe:
         pairs: list[tuple[str, str]],
         preserve: list[str],
         cond: dict[str, Conditioning],
+        concepts: list[str] | None = None,
     ):
+        """``concepts``: the erased concept of each pair (default: the pair's erased prompt)."""
         self.denoiser, self.cond = denoiser, cond
+        self.concept_rows: dict[str, list[int]] = {}  # the held-out rows of each concept
         self.erase_states, self.preserve_states = [], {}  # (prompt, x, t) the student is asked at
         targets, teacher_erase, teacher_uncond, self.teacher_preserve = [], [], [], {}
-        for erase, into in pairs:
+        rows = 0
+        for (erase, into), concept in zip(pairs, concepts or [erase for erase, _ in pairs], strict=True):
             x, t, outputs = held_out.states(erase, LEVELS)
+            self.concept_rows.setdefault(concept, []).extend(range(rows, rows + len(x)))
+            rows += len(x)
             alternative = self._output(into, x, t) if into else None
             targets.append(
                 objective.target(outputs[:, 0], outputs[:, 1], t, denoiser.schedule.num_timesteps, alternative)
@@ -116,11 +133,14 @@ class ScoreProbe:
             uncond_drift=float(_energy(student_uncond - self.teacher_uncond) / self.guidance) ** 0.5,
             preserve_drift=preserve,
             adversary_remaining=adversary_remaining,
+            remaining_by_concept={c: self._remaining(student_erase, rows) for c, rows in self.concept_rows.items()},
         )
 
-    def _remaining(self, student_erase: torch.Tensor) -> float:
-        moved = _inner(student_erase - self.teacher_erase, self.target - self.teacher_erase)
-        return 1 - float(moved / self.untouched)
+    def _remaining(self, student_erase: torch.Tensor, rows: list[int] | None = None) -> float:
+        """``remaining`` over all held-out rows, or over ``rows`` only."""
+        pick = slice(None) if rows is None else rows
+        moved = _inner(student_erase[pick] - self.teacher_erase[pick], self.target[pick] - self.teacher_erase[pick])
+        return 1 - float(moved / _energy(self.teacher_erase[pick] - self.target[pick]))
 
     @torch.no_grad()
     def _output(

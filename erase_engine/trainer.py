@@ -14,6 +14,7 @@ from .adversary import Adversary
 from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
 from .objective import Objective, surgery_loss
+from .parallel import Ranks
 from .parameters import EraseConfig
 from .sampling import TrajectoryCache
 from .score import HELD_OUT_TRAJECTORIES, Score, ScoreProbe
@@ -25,7 +26,10 @@ OUT_OF_MEMORY_HINT = (
 # fraction of its RMS (docs/method.md, section 8; chosen on the built-in benchmark).
 RELATIVE_STEP = 1e-2
 CHECK_EVERY = 20  # training steps between two held-out scores
-PAIRS_PER_STEP = 4  # erased prompts (concepts in contexts) trained together in one step
+# Erased prompts (concepts in contexts) trained together in one step: at least this many, and
+# one per concept of a longer list (each concept in every step), up to the most.
+PAIRS_PER_STEP = 4
+MOST_PAIRS_PER_STEP = 64
 # A robust erasure: every ADVERSARY_EVERY steps, ADVERSARY_STEPS steps of a one-token attack on
 # the current deltas (warm-started: the attack grows with the erasure).
 ADVERSARY_EVERY = 10
@@ -105,6 +109,24 @@ class Draw:
     preserve_x: torch.Tensor  # [P, C, H, W] (P = 0 when nothing is preserved)
     preserve_t: torch.Tensor  # [P]
     teacher_preserve: torch.Tensor | None  # [P, C, H, W]
+    batch: tuple[int, int] = (0, 0)  # (E, P) of the whole step's batch, on every rank together
+
+    def part(self, ranks: Ranks) -> Draw:
+        """This rank's rows of the batch (all of them on one rank)."""
+        erase, preserve = ranks.own(len(self.erase)), ranks.own(len(self.preserve))
+        return Draw(
+            [self.erase[i] for i in erase],
+            [self.into[i] for i in erase],
+            self.x[erase],
+            self.t[erase],
+            self.teacher_uncond[erase],
+            self.teacher_erase[erase],
+            [self.preserve[i] for i in preserve],
+            self.preserve_x[preserve],
+            self.preserve_t[preserve],
+            self.teacher_preserve[preserve] if self.teacher_preserve is not None else None,
+            (len(self.erase), len(self.preserve)),
+        )
 
 
 def erase_concept(
@@ -133,6 +155,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     pick = random.Random(config.seed)
     started = time.perf_counter()
 
+    ranks = Ranks.current()  # under torchrun: this process's share of the work (parallel.py)
     hooks = RunHooks(progress, should_stop)
     stop_if_asked, report = hooks.stop_if_asked, hooks.report
 
@@ -145,8 +168,8 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     use_preserve = bool(config.preserve) and objective.lambda_p > 0
     preserve = config.preserve if use_preserve else []
     stop_if_asked("sampling the trajectory cache", 0, config.sampler_steps)
-    cache, held_out = sample_cache(denoiser, config, preserve, generator, sampler_step)
-    probe = ScoreProbe(denoiser, objective, held_out, config.prompt_pairs(), preserve, cond)
+    cache, held_out = sample_cache(denoiser, config, preserve, generator, sampler_step, ranks)
+    probe = ScoreProbe(denoiser, objective, held_out, config.prompt_pairs(), preserve, cond, config.prompt_concepts())
     sampled = time.perf_counter()
 
     # The deltas and their optimizer (the host's weights stay frozen and untouched).
@@ -163,34 +186,40 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         stop_if_asked("training", step, most)
         if adversaries is not None and step % ADVERSARY_EVERY == 0:
             adversaries.attack(deltas, cache, pick, generator)
-        draw = draw_states(cache, config, preserve, pick, generator)
+        draw = draw_states(cache, config, preserve, pick, generator).part(ranks)
         target = teacher_target(denoiser, objective, draw, cond)
         student = student_outputs(denoiser, deltas, objective, draw, cond, adversaries)
-        if "adversary" in student:  # the concept asked through the attack's word: the same target
+        asked_twice = adversaries is not None  # the concept asked through the attack's word: the same target
+        if "adversary" in student:
             student["erase"] = torch.cat([student["erase"], student.pop("adversary")])
             target = torch.cat([target, target])
+        batch_erase, batch_preserve = draw.batch
         terms = surgery_loss(
             objective,
             target,
-            student["erase"],
+            student.get("erase"),
             student_uncond=student.get("uncond"),
             teacher_uncond=draw.teacher_uncond,
             student_preserve=student.get("preserve"),
             teacher_preserve=draw.teacher_preserve,
+            batch_rows=(batch_erase * (1 + asked_twice), batch_erase, batch_preserve),
         )
-        losses.append(terms.as_floats())
+        losses.append(ranks.sum(terms.as_floats()))
         if not math.isfinite(losses[-1]["loss"]):
             raise ErasureFailed(
                 f"the loss became {losses[-1]['loss']} at step {step + 1}; nothing was kept (try a lower learning rate)"
             )
         optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+        if terms.total.requires_grad:  # (not on a rank whose share held no row)
+            terms.total.backward()
+        ranks.sum_gradients(deltas.parameters())
         optimizer.step()
         done = step + 1
         if done % CHECK_EVERY == 0 or done == most:
             scores.append((done, probe.score(deltas, asked_through)))
         report("training", done, most, losses[-1], scores[-1][1])
-        if config.steps is None and scores[-1][0] == done and erased(scores[-1][1], config.stop_at):
+        checked = scores[-1][0] == done
+        if config.steps is None and checked and ranks.agree(erased(scores[-1][1], config.stop_at)):
             break  # auto: the held-out score says the concept is gone and the empty prompt is in place
 
     finished = time.perf_counter()
@@ -204,13 +233,13 @@ def erased(score: Score, stop_at: float) -> bool:
     the adversary's word), and the empty prompt's prediction has settled (early on, large steps
     move everything, and an alternative's direction is reached before the rest is pulled back in place)."""
     adversary = score.adversary_remaining if score.adversary_remaining is not None else 0.0
-    return max(score.remaining, score.uncond_drift, adversary) <= stop_at
+    return max(score.worst_remaining, score.uncond_drift, adversary) <= stop_at
 
 
 def why_stopped(config: EraseConfig, score: Score) -> str:
     if config.steps is not None:
         return f"ran the {config.steps} steps asked for"
-    reached = f"remaining {score.remaining:.2f} and uncond drift {score.uncond_drift:.2f}"
+    reached = f"remaining {score.worst_remaining:.2f} and uncond drift {score.uncond_drift:.2f}"
     if score.adversary_remaining is not None:
         reached += f", through the adversary {score.adversary_remaining:.2f}"
     if erased(score, config.stop_at):
@@ -237,9 +266,11 @@ def sample_cache(
     preserve: list[str],
     generator: torch.Generator,
     on_step: Callable[[int, int], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[TrajectoryCache, TrajectoryCache]:
     """The trajectory cache: the frozen model samples x_t once, for the erased and preserve
-    prompts; the last trajectories of each prompt are held out of training, for the score."""
+    prompts; the last trajectories of each prompt are held out of training, for the score.
+    Each rank samples its share, and every rank gets the whole cache."""
     cache = TrajectoryCache.sample(
         denoiser,
         list(dict.fromkeys(erase for erase, _ in config.prompt_pairs())) + preserve,
@@ -249,6 +280,7 @@ def sample_cache(
         denoiser.latent_shape(config.resolution),
         generator,
         on_step,
+        ranks,
     )
     if not all(x.isfinite().all() for x in (*cache.latents.values(), *cache.outputs.values())):
         raise ErasureFailed(f"the model's own samples became NaN or inf: {BROKEN_MODEL_HINT}")
@@ -258,10 +290,10 @@ def sample_cache(
 def draw_states(
     cache: TrajectoryCache, config: EraseConfig, preserve: list[str], pick: random.Random, generator: torch.Generator
 ) -> Draw:
-    """Up to ``PAIRS_PER_STEP`` random (erased, alternative) prompt pairs, each at a random
+    """``pairs_per_step`` random (erased, alternative) prompt pairs, each at a random
     cached state of its own, and each preserve prompt at one of its own."""
     pairs = config.prompt_pairs()
-    chosen = pick.sample(pairs, min(PAIRS_PER_STEP, len(pairs)))
+    chosen = pick.sample(pairs, pairs_per_step(config))
     erased = [cache.draw(erase, generator) for erase, _ in chosen]
     draws = [cache.draw(p, generator) for p in preserve]
     outputs = torch.stack([out for _, _, out in erased])  # [E, 2, C, H, W]: (uncond, erased prompt)
@@ -277,6 +309,11 @@ def draw_states(
         preserve_t=torch.cat([t for _, t, _ in draws]) if draws else erased[0][1][:0],
         teacher_preserve=torch.stack([out[1] for _, _, out in draws]) if draws else None,
     )
+
+
+def pairs_per_step(config: EraseConfig) -> int:
+    """Rows of erased prompts in each step's batch."""
+    return min(len(config.prompt_pairs()), max(PAIRS_PER_STEP, min(len(config.erase), MOST_PAIRS_PER_STEP)))
 
 
 def teacher_target(denoiser: Denoiser, objective: Objective, draw: Draw, cond: dict[str, Conditioning]) -> torch.Tensor:
@@ -304,13 +341,17 @@ def student_outputs(
     """The student's outputs for the erased prompts, the empty prompt (when it is pinned), the
     preserve prompts and, in a robust erasure, the erased prompts with the adversary's word in
     the concept's place (at the same states), from one batched call, by name."""
-    rows = {"erase": (Conditioning.cat([cond[p] for p in draw.erase]), draw.x, draw.t)}
-    if adversaries is not None:
-        rows["adversary"] = (Conditioning.cat([adversaries.cond[p] for p in draw.erase]), draw.x, draw.t)
-    if objective.lambda_u:
-        rows["uncond"] = (cond[""].repeat(len(draw.x)), draw.x, draw.t)
+    rows = {}
+    if draw.erase:  # (a rank's share of a small batch may hold no erased prompt)
+        rows["erase"] = (Conditioning.cat([cond[p] for p in draw.erase]), draw.x, draw.t)
+        if adversaries is not None:
+            rows["adversary"] = (Conditioning.cat([adversaries.cond[p] for p in draw.erase]), draw.x, draw.t)
+        if objective.lambda_u:
+            rows["uncond"] = (cond[""].repeat(len(draw.x)), draw.x, draw.t)
     if draw.preserve:
         rows["preserve"] = (Conditioning.cat([cond[p] for p in draw.preserve]), draw.preserve_x, draw.preserve_t)
+    if not rows:
+        return {}
     conds, xs, ts = zip(*rows.values(), strict=True)
     outputs = denoiser.output(torch.cat(xs), torch.cat(ts), Conditioning.cat(list(conds)), deltas)
     return dict(zip(rows, outputs.split([len(x) for x in xs]), strict=True))

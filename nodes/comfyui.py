@@ -138,7 +138,7 @@ class EraseConcept(io.ComfyNode):
             bar(where)
             if where.score is not None and where.score is not shown.get("score"):  # a new held-out score
                 shown["score"] = where.score
-                show_text(cls, f"step {where.step}/{most}: remaining {where.score.remaining:.2f}")
+                show_text(cls, f"step {where.step}/{most}: remaining {where.score.worst_remaining:.2f}")
 
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
             erasure = erase_concept(ComfyDenoiser(model, clip, vae), config, progress=progress)

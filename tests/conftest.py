@@ -51,3 +51,17 @@ def sd1_lora(sd1, tmp_path_factory, capsys):
     out = tmp_path_factory.mktemp("lora") / "cat.safetensors"
     assert run(capsys, *erase_args(sd1, out))[0] == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def shapes():
+    """The built-in model."""
+    return load_denoiser("builtin:shapes")
+
+
+@pytest.fixture(scope="session")
+def judge():
+    """The built-in model's judge."""
+    from erase_engine.builtin.judge import load_judge
+
+    return load_judge()

@@ -16,13 +16,16 @@ from support.cli_runs import erase_args, leftovers, run
 BAD_FLAGS = [
     ("empty-erase", ["--erase", ""], "non-empty concept"),
     ("blank-erase", ["--erase", "   "], "non-empty concept"),
-    ("alternative-is-erase", ["--erase", "a cat", "--into", "A Cat"], "is the concept being erased"),
-    ("preserve-has-erase", ["--erase", "a cat", "--preserve", "a dog", "a cat"], "preserve list contains"),
+    ("alternative-is-erase", ["--into", "A Cat"], "is the concept being erased"),  # the erased one is "a cat"
+    ("preserve-has-erase", ["--preserve", "a dog", "a cat"], "preserve list contains"),
     (
         "preserve-is-in-a-context",
-        ["--erase", "a cat", "--contexts", "{}", "a photo of {}", "--preserve", "a photo of a cat"],
+        ["--contexts", "{}", "a photo of {}", "--preserve", "a photo of a cat"],
         "in one of the contexts",
     ),
+    ("erased-twice", ["--erase", "A Cat"], "listed twice"),
+    ("list-without-alternative", ["--erase", "a dog =>"], "concept => alternative"),
+    ("missing-list", ["--erase-file", "{tmp}/none.txt"], "cannot read"),
     ("context-without-concept", ["--contexts", "{}", "a photo"], "needs {} where the concept goes"),
     ("zero-max-steps", ["--max-steps", "0"], "max_steps must be between 1 and 100000, got 0"),
     ("stop-at-zero", ["--stop-at", "0"], "stop_at must be between 0.01 and 1, got 0.0"),

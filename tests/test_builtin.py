@@ -5,24 +5,13 @@ import sys
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from erase_engine import EraseConfig, load_denoiser
+from erase_engine import EraseConfig
 from erase_engine.benchmarks import efficacy as bench
-from erase_engine.builtin.judge import accuracy, centroids, foreground_mask, layout_kept, load_judge, mask_iou
+from erase_engine.builtin.judge import accuracy, centroids, foreground_mask, layout_kept, mask_iou
 from erase_engine.builtin.render import SHAPES, Scenes, render, shape_masks
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    return load_denoiser("builtin:shapes")
-
-
-@pytest.fixture(scope="module")
-def judge():
-    return load_judge()
 
 
 def test_builtin_model_loads_offline_through_the_sd1_path(shapes):

@@ -66,7 +66,6 @@ def test_the_cli_shows_the_tables_defaults_ranges_and_choices():
             assert f"{spec.minimum:g} to {spec.maximum:g}" in action.help, spec.name
             if spec.unset_means == "auto":  # the word auto stands for the unset value
                 assert action.type("auto") == spec.unset and "default auto" in action.help, spec.name
-    assert actions["erase"].required
 
 
 def test_the_cli_parses_into_the_config_a_form_gives():
@@ -77,6 +76,34 @@ def test_the_cli_parses_into_the_config_a_form_gives():
     )
     form = {"erase": "a cat", "into": "a dog", "lora_rank": 0, "eta": -1.0, "steps": 0, "lr": 2e-4}
     assert config_from_args(args) == EraseConfig.from_form(form)
+
+
+def test_a_concept_list_file_and_the_forms_erase_field_give_one_config(tmp_path):
+    from erase_engine.frontends.cli import config_from_args, erase_file_lines
+
+    text = "# painters\nVan Gogh => dry brushing\n\n  Monet  \n#Degas\n"
+    listed = tmp_path / "concepts.txt"
+    listed.write_text(text)
+    args = erase_parser().parse_args(["--erase", "Turner", "--erase-file", str(listed)])
+    args.erase += erase_file_lines(args.erase_file)
+    config = config_from_args(args)
+    assert config == EraseConfig.from_form({"erase": "Turner\n" + text})
+    assert config.pairs() == [("Turner", ""), ("Van Gogh", "dry brushing"), ("Monet", "")]
+
+
+@pytest.mark.parametrize(
+    ("erase", "into", "message"),
+    [
+        ("Van Gogh =>", "", "concept => alternative"),
+        ("=> dry brushing", "", "concept => alternative"),
+        ("Van Gogh => dry brushing", "sketch", "not both"),
+        ("Monet\nmonet", "", "listed twice"),
+        ("# only a comment\n\n", "", "non-empty concept"),
+    ],
+)
+def test_a_bad_concept_list_is_refused(erase, into, message):
+    with pytest.raises(ValueError, match=message):
+        EraseConfig.from_form({"erase": erase, "into": into})
 
 
 def gradio_components() -> dict[str, object]:

@@ -73,6 +73,34 @@ def test_the_score_is_the_formula_written_out_state_by_state(held_out, into):
     assert probe.score(deltas).adversary_remaining is None
 
 
+def test_each_concepts_remaining_is_that_concepts_score_alone(held_out):
+    """Of an erasure of two concepts (each in two contexts), ``remaining_by_concept`` is, for each,
+    the ``remaining`` of a probe that holds that concept alone; auto steps wait for the worse."""
+    denoiser, cache = held_out
+    cache = TrajectoryCache.sample(
+        denoiser,
+        ["a cat", "a photo of a cat", "a car", "a photo of a car"],
+        2,
+        4,
+        3.0,
+        denoiser.latent_shape(None),
+        torch.Generator().manual_seed(1),
+    )
+    objective, deltas = make_objective("surgical"), random_lora(denoiser)
+
+    def probe(concepts: list[str]) -> ScoreProbe:
+        config = EraseConfig(erase=concepts, contexts=["{}", "a photo of {}"])
+        cond = encode_prompts(denoiser, config)
+        return ScoreProbe(denoiser, objective, cache, config.prompt_pairs(), [], cond, config.prompt_concepts())
+
+    both = probe(["a cat", "a car"]).score(deltas)
+    alone = {c: probe([c]).score(deltas).remaining for c in ("a cat", "a car")}
+    assert both.remaining_by_concept == pytest.approx(alone, rel=1e-6)
+    assert alone["a cat"] != pytest.approx(alone["a car"], rel=1e-3)  # the check can tell them apart
+    assert min(alone.values()) < both.remaining < max(alone.values())  # the pooled figure lies between
+    assert both.worst_remaining == pytest.approx(max(alone.values()), rel=1e-6)
+
+
 def test_untrained_deltas_score_untouched(held_out):
     denoiser, cache = held_out
     config = EraseConfig(erase=["a cat"], preserve=["a car"])
@@ -133,6 +161,14 @@ def test_auto_steps_stop_at_the_threshold_or_the_maximum(tiny_model_dirs):
 
     fixed = erase_concept(denoiser, EraseConfig(**quick, steps=5, stop_at=1.0))
     assert len(fixed.losses) == 5  # a number of steps given is run whatever the score
+
+    # Of several concepts, auto steps wait for every one of them, not for the pooled figure.
+    listed = {**quick, "erase": ["a cat", "a car"], "stop_at": 0.999, "max_steps": 400}
+    both = erase_concept(denoiser, EraseConfig(**listed))
+    steps, score = both.scores[-1]
+    assert "reached" in both.stopped and set(score.remaining_by_concept) == {"a cat", "a car"}
+    assert max(score.remaining_by_concept.values()) <= 0.999
+    assert all(max(*s.remaining_by_concept.values(), s.uncond_drift) > 0.999 for _, s in both.scores[:-1])
 
 
 @pytest.mark.parametrize("rank", [None, 2])

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..builtin import BUILTIN_MODEL
-from ..parameters import PARAMETERS, EraseConfig, Parameter
+from ..parameters import PARAMETERS, EraseConfig, Parameter, concept_list
 
 if TYPE_CHECKING:
     from ..trainer import Progress
 
 
-def add_parameter_arguments(parser: argparse.ArgumentParser, erase_required: bool = True) -> None:
+def add_parameter_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per erasure parameter (``--lambda-u`` for ``lambda_u``), from the parameter table."""
     advanced = parser.add_argument_group("advanced")
     for spec in PARAMETERS:
@@ -33,8 +33,7 @@ def add_parameter_arguments(parser: argparse.ArgumentParser, erase_required: boo
         if spec.is_list and spec.multiline:  # several prompts after one flag
             group.add_argument(flag, nargs="+", action="extend", default=[], metavar="TEXT", help=spec.help)
         elif spec.is_list:  # the flag repeats
-            required = erase_required and spec.name == "erase"
-            group.add_argument(flag, action="append", default=[], required=required, metavar="TEXT", help=spec.help)
+            group.add_argument(flag, action="append", default=[], metavar="TEXT", help=spec.help)
         elif spec.choices:
             group.add_argument(flag, choices=spec.choices, default=default, help=f"{spec.help} (default {default})")
         else:
@@ -93,6 +92,16 @@ def check_output(
         parser.error(f"{flag}: {path} exists; pass --overwrite to replace it")
 
 
+def erase_file_lines(path: Path | None) -> list[str]:
+    """The lines of ``--erase-file`` (none without one); parsed with --erase's by the config."""
+    if path is None:
+        return []
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--erase-file: cannot read {path}: {error}") from None
+
+
 def default_output(erase: list[str], prefix: str = "erased") -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", erase[0].lower()).strip("-")[:40] or "concept"
     return Path(f"{prefix}-{slug}.safetensors")
@@ -119,7 +128,7 @@ class PhaseBars:
         if where.losses:
             shown = {"loss": f"{where.losses['loss']:.4g}"}
             if where.score is not None:
-                shown["remaining"] = f"{where.score.remaining:.2f}"
+                shown["remaining"] = f"{where.score.worst_remaining:.2f}"
             self.bar.set_postfix(shown, refresh=False)
         self.bar.update(where.step - self.bar.n)
 
@@ -144,6 +153,12 @@ def erase_parser() -> argparse.ArgumentParser:
         "--model", default=BUILTIN_MODEL, help=f"diffusers folder, .safetensors/.ckpt file or {BUILTIN_MODEL}"
     )
     add_parameter_arguments(parser)
+    parser.add_argument(
+        "--erase-file",
+        type=Path,
+        metavar="FILE",
+        help="concepts to erase, one a line ('concept => alternative' names its own; # comments), besides --erase",
+    )
     parser.add_argument("--export-rank", type=int, default=16, metavar="N", help="SVD rank for full-rank deltas")
     parser.add_argument("--out", type=Path, metavar="FILE.safetensors", help="where to write the LoRA")
     parser.add_argument("--save-checkpoint", type=Path, metavar="FILE.safetensors", help="also write a checkpoint")
@@ -156,19 +171,29 @@ def erase_parser() -> argparse.ArgumentParser:
 def erase_main(argv: list[str]) -> int:
     parser = erase_parser()
     args = parser.parse_args(argv)
+    if not all(e.strip() for e in args.erase):  # an empty shell variable, say: not a list's blank line
+        parser.error("--erase needs a non-empty concept, got an empty one")
+    args.erase += erase_file_lines(args.erase_file)
+    concepts, _ = concept_list(args.erase, [])
+    if not concepts:
+        parser.error("give at least one non-empty concept to erase: --erase TEXT or --erase-file FILE")
     if args.out is None and args.save_checkpoint is None:
-        args.out = default_output(args.erase)
+        args.out = default_output(concepts)
     check_output(parser, "--out", args.out, overwrite=args.overwrite)
     check_output(parser, "--save-checkpoint", args.save_checkpoint, overwrite=args.overwrite)
 
     from ..exports import save_checkpoint, save_lora
+    from ..parallel import start_from_environment
     from ..report import write_report
     from ..trainer import erase_concept
 
     config = config_from_args(args)
-    denoiser = load_model(args.model, args.device, args.prediction_type)
-    with PhaseBars() as progress:
-        erasure = erase_concept(denoiser, config, progress=progress)
+    ranks, device = start_from_environment(args.device)  # under torchrun: one rank of a data-parallel run
+    denoiser = load_model(args.model, device, args.prediction_type)
+    with PhaseBars() as bars:
+        erasure = erase_concept(denoiser, config, progress=bars if ranks.is_main else None)
+    if not ranks.is_main:
+        return 0  # every rank holds the same deltas; the first one writes them
     outputs, if_exists = {}, "replace" if args.overwrite else "refuse"
     if args.out is not None:
         outputs["lora"] = str(save_lora(erasure, args.out, args.export_rank, if_exists))
@@ -195,7 +220,7 @@ def bench_main(argv: list[str]) -> int:
     from ..benchmarks import efficacy as bench
 
     parser = argparse.ArgumentParser(prog="erase-concept bench", description=bench.__doc__)
-    add_parameter_arguments(parser, erase_required=False)
+    add_parameter_arguments(parser)
     parser.add_argument(
         "--compare", action="store_true", help="run surgical and esd side by side, each until the judge sees it erased"
     )

@@ -106,7 +106,7 @@ class Job:
         else:
             self.text = f"step {where.step}/{where.total}, loss {where.losses['loss']:.4g}"
             if where.score is not None:
-                self.text += f", remaining {where.score.remaining:.2f}"
+                self.text += f", remaining {where.score.worst_remaining:.2f}"
         self.host.progress(where.step, where.total, self.text)
 
     def should_stop(self) -> bool:

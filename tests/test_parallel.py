@@ -1,0 +1,53 @@
+"""Data parallelism through torch.distributed (gloo, CPU): an erasure run by ``torchrun`` on two
+processes writes the LoRA one process writes with the same global batch and seed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support import ROOT
+
+from erase_engine.parallel import Ranks
+
+# Two concepts in two contexts and two preserve prompts: each step's batch of four erased
+# prompts and two preserve prompts splits across the ranks; auto steps exercise the agreed stop.
+RUN = [
+    "--erase", "a cat", "a dog", "--contexts", "{}", "a photo of {}", "--preserve", "a car", "a tree",
+    "--trajectories", "2", "--sampler-steps", "3", "--lr", "1e-3", "--max-steps", "6", "--stop-at", "0.9",
+]  # fmt: skip
+# What two processes may change: the order of the summed gradients and the batch each sampler
+# call holds, in float32, through six Adam steps.
+TOLERANCE = 1e-5
+
+
+def run(*command: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_two_processes_write_the_one_process_lora(sd1, tmp_path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    run(sys.executable, "-m", "erase_engine", "--model", str(sd1), *RUN, "--out", str(one))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    run(*torchrun, "-m", "erase_engine", "--model", str(sd1), *RUN, "--out", str(two))
+    single, parallel = load_file(one), load_file(two)
+    assert single.keys() == parallel.keys()
+    moved = max(float(t.abs().max()) for k, t in single.items() if k.endswith("lora_up.weight"))
+    assert moved > 100 * TOLERANCE  # the erasure trained: the comparison can tell
+    for key, tensor in single.items():
+        assert torch.allclose(parallel[key], tensor, atol=TOLERANCE, rtol=0), key
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "two.safetensors"]  # rank 0 wrote
+
+
+@pytest.mark.parametrize(("size", "count"), [(2, 5), (3, 7), (4, 2), (1, 4)])
+def test_each_row_belongs_to_exactly_one_rank(size, count):
+    everyone = [Ranks(r, size) for r in range(size)]
+    assert sorted(i for r in everyone for i in r.own(count)) == list(range(count))
+    shares = [range(count)[r.share(count)] for r in everyone]
+    assert [i for s in shares for i in s] == list(range(count))  # contiguous, in order
