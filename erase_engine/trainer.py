@@ -30,6 +30,9 @@ CHECK_EVERY = 20  # training steps between two held-out scores
 # one per concept of a longer list (each concept in every step), up to the most.
 PAIRS_PER_STEP = 4
 MOST_PAIRS_PER_STEP = 64
+# Rows of each kind (erased, preserve) in one student call: a longer batch runs in pieces whose
+# gradients add up (the same step, in less memory).
+MICRO_BATCH_ROWS = 32
 # A robust erasure: every ADVERSARY_EVERY steps, ADVERSARY_STEPS steps of a one-token attack on
 # the current deltas (warm-started: the attack grows with the erasure).
 ADVERSARY_EVERY = 10
@@ -109,11 +112,16 @@ class Draw:
     preserve_x: torch.Tensor  # [P, C, H, W] (P = 0 when nothing is preserved)
     preserve_t: torch.Tensor  # [P]
     teacher_preserve: torch.Tensor | None  # [P, C, H, W]
-    batch: tuple[int, int] = (0, 0)  # (E, P) of the whole step's batch, on every rank together
+    batch: tuple[int, int]  # (E, P) of the whole step's batch (its pieces, on every rank, together)
 
-    def part(self, ranks: Ranks) -> Draw:
-        """This rank's rows of the batch (all of them on one rank)."""
+    def pieces(self, ranks: Ranks, most_rows: int) -> list[Draw]:
+        """This rank's rows of the batch (all of them on one rank), in pieces of at most
+        ``most_rows`` rows of each kind; one piece when they fit, an empty one when it has none."""
         erase, preserve = ranks.own(len(self.erase)), ranks.own(len(self.preserve))
+        count = max(1, -(-len(erase) // most_rows), -(-len(preserve) // most_rows))
+        return [self._rows(erase[i::count], preserve[i::count]) for i in range(count)]
+
+    def _rows(self, erase: list[int], preserve: list[int]) -> Draw:
         return Draw(
             [self.erase[i] for i in erase],
             [self.into[i] for i in erase],
@@ -125,7 +133,7 @@ class Draw:
             self.preserve_x[preserve],
             self.preserve_t[preserve],
             self.teacher_preserve[preserve] if self.teacher_preserve is not None else None,
-            (len(self.erase), len(self.preserve)),
+            self.batch,
         )
 
 
@@ -186,32 +194,17 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         stop_if_asked("training", step, most)
         if adversaries is not None and step % ADVERSARY_EVERY == 0:
             adversaries.attack(deltas, cache, pick, generator)
-        draw = draw_states(cache, config, preserve, pick, generator).part(ranks)
-        target = teacher_target(denoiser, objective, draw, cond)
-        student = student_outputs(denoiser, deltas, objective, draw, cond, adversaries)
-        asked_twice = adversaries is not None  # the concept asked through the attack's word: the same target
-        if "adversary" in student:
-            student["erase"] = torch.cat([student["erase"], student.pop("adversary")])
-            target = torch.cat([target, target])
-        batch_erase, batch_preserve = draw.batch
-        terms = surgery_loss(
-            objective,
-            target,
-            student.get("erase"),
-            student_uncond=student.get("uncond"),
-            teacher_uncond=draw.teacher_uncond,
-            student_preserve=student.get("preserve"),
-            teacher_preserve=draw.teacher_preserve,
-            batch_rows=(batch_erase * (1 + asked_twice), batch_erase, batch_preserve),
-        )
-        losses.append(ranks.sum(terms.as_floats()))
+        draw = draw_states(cache, config, preserve, pick, generator)
+        optimizer.zero_grad(set_to_none=True)
+        pieces = [
+            backward_piece(denoiser, deltas, objective, piece, cond, adversaries)
+            for piece in draw.pieces(ranks, MICRO_BATCH_ROWS)
+        ]
+        losses.append(ranks.sum({name: sum(p[name] for p in pieces) for name in pieces[0]}))
         if not math.isfinite(losses[-1]["loss"]):
             raise ErasureFailed(
                 f"the loss became {losses[-1]['loss']} at step {step + 1}; nothing was kept (try a lower learning rate)"
             )
-        optimizer.zero_grad(set_to_none=True)
-        if terms.total.requires_grad:  # (not on a rank whose share held no row)
-            terms.total.backward()
         ranks.sum_gradients(deltas.parameters())
         optimizer.step()
         done = step + 1
@@ -226,6 +219,38 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     deltas.requires_grad_(False)
     seconds = {"sampling": sampled - started, "training": finished - sampled, "total": finished - started}
     return Erasure(deltas, denoiser, config, objective, losses, scores, why_stopped(config, scores[-1][1]), seconds)
+
+
+def backward_piece(
+    denoiser: Denoiser,
+    deltas: WeightDeltas,
+    objective: Objective,
+    draw: Draw,
+    cond: dict[str, Conditioning],
+    adversaries: Adversaries | None,
+) -> dict[str, float]:
+    """A piece of a step's batch: its share of the whole batch's loss, whose gradient is added
+    to the deltas' (the pieces' shares add up to the batch's loss); its loss terms."""
+    target = teacher_target(denoiser, objective, draw, cond)
+    student = student_outputs(denoiser, deltas, objective, draw, cond, adversaries)
+    asked_twice = adversaries is not None  # the concept asked through the attack's word: the same target
+    if "adversary" in student:
+        student["erase"] = torch.cat([student["erase"], student.pop("adversary")])
+        target = torch.cat([target, target])
+    batch_erase, batch_preserve = draw.batch
+    terms = surgery_loss(
+        objective,
+        target,
+        student.get("erase"),
+        student_uncond=student.get("uncond"),
+        teacher_uncond=draw.teacher_uncond,
+        student_preserve=student.get("preserve"),
+        teacher_preserve=draw.teacher_preserve,
+        batch_rows=(batch_erase * (1 + asked_twice), batch_erase, batch_preserve),
+    )
+    if terms.total.requires_grad:  # (not on a rank whose share held no row)
+        terms.total.backward()
+    return terms.as_floats()
 
 
 def erased(score: Score, stop_at: float) -> bool:
@@ -308,6 +333,7 @@ def draw_states(
         preserve_x=torch.cat([x for x, _, _ in draws]) if draws else erased[0][0][:0],
         preserve_t=torch.cat([t for _, t, _ in draws]) if draws else erased[0][1][:0],
         teacher_preserve=torch.stack([out[1] for _, _, out in draws]) if draws else None,
+        batch=(len(chosen), len(preserve)),
     )
 
 

@@ -51,3 +51,31 @@ def test_each_row_belongs_to_exactly_one_rank(size, count):
     assert sorted(i for r in everyone for i in r.own(count)) == list(range(count))
     shares = [range(count)[r.share(count)] for r in everyone]
     assert [i for s in shares for i in s] == list(range(count))  # contiguous, in order
+
+
+def test_a_batch_run_in_pieces_trains_the_same_deltas(sd1, monkeypatch):
+    """A step's rows split into pieces of one row of each kind (their gradients added) train
+    what the whole batch in one call trains."""
+    from erase_engine import EraseConfig, erase_concept, load_denoiser, trainer
+
+    denoiser = load_denoiser(sd1)
+    config = EraseConfig(
+        erase=["a cat", "a dog"],
+        contexts=["{}", "a photo of {}"],
+        preserve=["a car", "a tree", "a house"],
+        steps=4,
+        trajectories=2,
+        sampler_steps=3,
+        lr=1e-3,
+    )
+    whole = erase_concept(denoiser, config)
+    calls = []
+    piece = trainer.backward_piece
+    monkeypatch.setattr(trainer, "backward_piece", lambda *a: calls.append(a[3]) or piece(*a))
+    monkeypatch.setattr(trainer, "MICRO_BATCH_ROWS", 1)
+    split = erase_concept(denoiser, config)
+    assert len(calls) == 4 * 4 and all(len(d.erase) == 1 and len(d.preserve) <= 1 for d in calls)
+    for a, b in zip(whole.deltas.parameters(), split.deltas.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=TOLERANCE, rtol=0)
+    assert max(float(p.abs().max()) for p in whole.deltas.parameters()) > 100 * TOLERANCE
+    assert [x["loss"] for x in split.losses] == pytest.approx([x["loss"] for x in whole.losses], rel=1e-4)
