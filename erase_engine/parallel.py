@@ -64,6 +64,13 @@ class Ranks:
         for g, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(summed.view_as(g))
 
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The ranks' tensors (of one shape) added up, on every rank."""
+        if self.size == 1:
+            return tensor
+        dist.all_reduce(tensor)
+        return tensor
+
     def sum(self, values: dict[str, float]) -> dict[str, float]:
         """Per-rank partial figures summed over the ranks."""
         if self.size == 1:

@@ -25,6 +25,7 @@ import torch
 from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
 from .objective import Objective
+from .parallel import Ranks
 from .sampling import TrajectoryCache
 
 HELD_OUT_TRAJECTORIES = 2  # per prompt, never drawn by training
@@ -86,9 +87,12 @@ class ScoreProbe:
         preserve: list[str],
         cond: dict[str, Conditioning],
         concepts: list[str] | None = None,
+        ranks: Ranks | None = None,
     ):
-        """``concepts``: the erased concept of each pair (default: the pair's erased prompt)."""
-        self.denoiser, self.cond = denoiser, cond
+        """``concepts``: the erased concept of each pair (default: the pair's erased prompt).
+        With several ``ranks`` each computes the student's outputs for its share of the prompts,
+        and every rank gets the same score."""
+        self.denoiser, self.cond, self.ranks = denoiser, cond, ranks or Ranks()
         self.concept_rows: dict[str, list[int]] = {}  # the held-out rows of each concept
         self.erase_states, self.preserve_states = [], {}  # (prompt, x, t) the student is asked at
         targets, teacher_erase, teacher_uncond, self.teacher_preserve = [], [], [], {}
@@ -108,6 +112,7 @@ class ScoreProbe:
             x, t, outputs = held_out.states(prompt, LEVELS)
             self.teacher_preserve[prompt] = outputs[:, 1]
             self.preserve_states[prompt] = (x, t)
+        self.preserve_rows = [len(x) for x, _ in self.preserve_states.values()]
         self.target, self.teacher_uncond = torch.cat(targets), torch.cat(teacher_uncond)
         self.teacher_erase = torch.cat(teacher_erase)
         self.untouched = _energy(self.teacher_erase - self.target)  # || d ||^2
@@ -117,15 +122,16 @@ class ScoreProbe:
     def score(self, deltas: WeightDeltas, adversary: dict[str, Conditioning] | None = None) -> Score:
         """The score of ``deltas``; with ``adversary`` (erased prompt -> its conditioning with the
         adversary's word), also ``remaining`` asked that way."""
-        student_erase = torch.cat([self._output(prompt, x, t, deltas) for prompt, x, t in self.erase_states])
+        student_erase = self._shared([(prompt, x, t) for prompt, x, t in self.erase_states], deltas)
         adversary_remaining = None
         if adversary is not None:
-            asked = torch.cat([self._output(adversary[p], x, t, deltas) for p, x, t in self.erase_states])
+            asked = self._shared([(adversary[p], x, t) for p, x, t in self.erase_states], deltas)
             adversary_remaining = self._remaining(asked)
-        student_uncond = torch.cat([self._output("", x, t, deltas) for _, x, t in self.erase_states])
+        student_uncond = self._shared([("", x, t) for _, x, t in self.erase_states], deltas)
         preserve = {}
-        for prompt, (x, t) in self.preserve_states.items():
-            change = self._output(prompt, x, t, deltas) - self.teacher_preserve[prompt]
+        changes = self._shared([(p, x, t) for p, (x, t) in self.preserve_states.items()], deltas)
+        for prompt, change in zip(self.preserve_states, changes.split(self.preserve_rows), strict=True):
+            change = change - self.teacher_preserve[prompt]
             preserve[prompt] = float(_energy(change) / len(change) / self.guidance_per_state) ** 0.5
         return Score(
             remaining=self._remaining(student_erase),
@@ -135,6 +141,18 @@ class ScoreProbe:
             adversary_remaining=adversary_remaining,
             remaining_by_concept={c: self._remaining(student_erase, rows) for c, rows in self.concept_rows.items()},
         )
+
+    def _shared(self, asked: list[tuple[str | Conditioning, torch.Tensor, torch.Tensor]], deltas) -> torch.Tensor:
+        """The student's outputs for each (prompt, states), all of them in one tensor: each rank
+        computes its share of the prompts and the ranks add up their parts (zeros elsewhere)."""
+        if not asked:
+            return self.teacher_erase[:0]
+        own = set(self.ranks.own(len(asked)))
+        parts = [
+            self._output(p, x, t, deltas) if i in own else self.teacher_erase.new_zeros(x.shape)
+            for i, (p, x, t) in enumerate(asked)
+        ]
+        return self.ranks.sum_tensor(torch.cat(parts))
 
     def _remaining(self, student_erase: torch.Tensor, rows: list[int] | None = None) -> float:
         """``remaining`` over all held-out rows, or over ``rows`` only."""

@@ -177,7 +177,8 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     preserve = config.preserve if use_preserve else []
     stop_if_asked("sampling the trajectory cache", 0, config.sampler_steps)
     cache, held_out = sample_cache(denoiser, config, preserve, generator, sampler_step, ranks)
-    probe = ScoreProbe(denoiser, objective, held_out, config.prompt_pairs(), preserve, cond, config.prompt_concepts())
+    pairs, concepts = config.prompt_pairs(), config.prompt_concepts()
+    probe = ScoreProbe(denoiser, objective, held_out, pairs, preserve, cond, concepts, ranks)
     sampled = time.perf_counter()
 
     # The deltas and their optimizer (the host's weights stay frozen and untouched).

@@ -25,17 +25,21 @@ RUN = [
 TOLERANCE = 1e-5
 
 
-def run(*command: str) -> None:
+def run(*command: str) -> str:
+    """What the command printed (it must succeed)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
 
 
 def test_two_processes_write_the_one_process_lora(sd1, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    run(sys.executable, "-m", "erase_engine", "--model", str(sd1), *RUN, "--out", str(one))
+    alone = run(sys.executable, "-m", "erase_engine", "--model", str(sd1), *RUN, "--out", str(one))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run(*torchrun, "-m", "erase_engine", "--model", str(sd1), *RUN, "--out", str(two))
+    shared = run(*torchrun, "-m", "erase_engine", "--model", str(sd1), *RUN, "--out", str(two))
+    # the same steps, the same reason to stop and the same held-out score (its prompts split too)
+    assert shared.splitlines()[0] == alone.splitlines()[0] and "held-out score" in alone
     single, parallel = load_file(one), load_file(two)
     assert single.keys() == parallel.keys()
     moved = max(float(t.abs().max()) for k, t in single.items() if k.endswith("lora_up.weight"))
