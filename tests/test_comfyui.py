@@ -168,6 +168,14 @@ def test_e_attack_saves_an_embedding_that_comfyuis_prompt_word_loads(server):
     assert np.abs(asked["Van Gogh"] - asked[f"embedding:{path.stem}"]).max() > 0
 
 
+def test_a_robust_erasure_learns_its_adversary_through_comfyuis_text_encoder(server):
+    """robust on: the adversary's word is learned through ComfyUI's own CLIP (its weights made as
+    inference tensors), and the erased MODEL samples differently at the same seed."""
+    outputs = server.run(example("a_erase_and_compare", AllButOneEraseConcept={"robust": "on", "seed": 3}))
+    before, after = image_array(server, outputs, "10"), image_array(server, outputs, "11")
+    assert before.shape == after.shape and np.abs(before - after).max() > 0
+
+
 def test_the_adapters_embedding_is_comfyuis_own_embedding_word(server):
     """In a ComfyUI process: the adapter's differentiable encoding with learned vectors equals what
     ComfyUI's tokenizer and text encoder make of the same vectors saved as ``embedding:<name>``."""

@@ -105,10 +105,19 @@ def scenario(kind: str, args: argparse.Namespace) -> list[tuple[list[str], list[
     return [(pool[:count], kept) for count in args.counts]
 
 
-def run_row(erase: list[str], keep: list[str], samples: int) -> dict:
-    """One erasure of ``erase`` (``keep`` as its preserve prompts) at the defaults, judged."""
+def sentences_config(erase: list[str], keep: list[str]) -> EraseConfig:
+    """The erasure in the model's own sentences as well: each concept also erased in "a {} on a
+    <background> background" (``contexts``), each kept one also preserved in them."""
+    contexts = ["{}"] + [f"a {{}} on a {background} background" for background in BACKGROUNDS]
+    kept = keep + [c.replace("{}", k) for k in keep for c in contexts[1:]]
+    return EraseConfig(erase=erase, preserve=kept, contexts=contexts)
+
+
+def run_row(erase: list[str], keep: list[str], samples: int, sentences: bool = False) -> dict:
+    """One erasure of ``erase`` (``keep`` as its preserve prompts) at the defaults, judged;
+    ``sentences``: with ``sentences_config``."""
     denoiser, judge = load_denoiser(BUILTIN_MODEL), load_judge()
-    config = EraseConfig(erase=erase, preserve=keep)
+    config = sentences_config(erase, keep) if sentences else EraseConfig(erase=erase, preserve=keep)
     before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     erasure = erase_concept(denoiser, config)
@@ -140,6 +149,7 @@ def run_row(erase: list[str], keep: list[str], samples: int) -> dict:
         "judged": judged,
         "erase": erase,
         "keep": keep,
+        "sentences": sentences,
     }
 
 
@@ -163,17 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--erase", default="red star", help="combination: the pair erased")
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 3, 6, 12], help="growth: concepts per row")
     parser.add_argument("--samples", type=int, default=SAMPLES, help="samples judged per concept")
+    parser.add_argument(
+        "--sentences", action="store_true", help="erase and preserve in the model's sentences too (contexts)"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a row's lists, as JSON, in a child process
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.kind == "row":
         erase, keep = json.loads(args.row)
-        print(json.dumps(run_row(erase, keep, args.samples)))
+        print(json.dumps(run_row(erase, keep, args.samples, args.sentences)))
         return 0
     rows = []
     for erase, keep in scenario(args.kind, args):
         child = [sys.executable, "-m", __spec__.name, "row", "--row", json.dumps([erase, keep])]
-        done = subprocess.run([*child, "--samples", str(args.samples)], capture_output=True, text=True, check=True)
+        options = ["--samples", str(args.samples), *(["--sentences"] if args.sentences else [])]
+        done = subprocess.run([*child, *options], capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
