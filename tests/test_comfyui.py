@@ -168,6 +168,23 @@ def test_e_attack_saves_an_embedding_that_comfyuis_prompt_word_loads(server):
     assert np.abs(asked["Van Gogh"] - asked[f"embedding:{path.stem}"]).max() > 0
 
 
+def test_e_cancel_mid_attack_writes_no_embedding(server):
+    """Cancel while the attack trains (its erasure cached from the run before): no file."""
+    folder = server.base / "models" / "embeddings"
+    before = set(folder.iterdir()) if folder.exists() else set()
+    prompt_id = server.queue(example("e_attack_erasure", AllButOneAttackErasure={"steps": 5000, "seed": 5}))
+    deadline = time.monotonic() + 300
+    while not server.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(30)  # the erasure is cached: into the attack (its sampler, then ~5 s per step)
+    server.post("/interrupt")
+    entry = server.wait(prompt_id)
+    messages = dict((kind, body) for kind, body in entry["status"]["messages"])
+    assert "2" in messages["execution_cached"]["nodes"]  # the erasure was cached: Cancel hit the attack
+    assert messages["execution_interrupted"]["node_id"] == "30"
+    assert set(folder.iterdir()) == before and not list(server.base.rglob("*.partial"))
+
+
 def test_a_robust_erasure_learns_its_adversary_through_comfyuis_text_encoder(server):
     """robust on: the adversary's word is learned through ComfyUI's own CLIP (its weights made as
     inference tensors), and the erased MODEL samples differently at the same seed."""
