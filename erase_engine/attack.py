@@ -35,7 +35,7 @@ import torch
 from .adversary import Adversary, check_no_placeholder, embedded, placeholders
 from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
-from .files import write_safetensors
+from .files import model_file_path, write_safetensors
 from .parameters import EraseConfig, checked_contexts
 from .sampling import TrajectoryCache
 from .score import HELD_OUT_TRAJECTORIES, LEVELS
@@ -177,6 +177,14 @@ def embedding_state_dict(attack: Attack) -> dict[str, torch.Tensor]:
         return {"emb_params": vectors[0]}
     clip_l, clip_g = vectors
     return {"clip_l": clip_l, "clip_g": clip_g}
+
+
+def embedding_file_path(folder: str | Path, name: str) -> Path:
+    """``folder/<name>.safetensors`` for an embedding: ``model_file_path``'s checks, and one word,
+    since the hosts read an embedding's name in a prompt up to a space."""
+    if name.split() != [name.strip()]:
+        raise ValueError(f"the name {name!r} must be one word: it is the embedding's word in a prompt")
+    return model_file_path(folder, name)
 
 
 def save_embedding(attack: Attack, denoiser: Denoiser, path: str | Path, if_exists: str = "refuse") -> Path:

@@ -122,7 +122,7 @@ class ScoreProbe:
     def score(self, deltas: WeightDeltas, adversary: dict[str, Conditioning] | None = None) -> Score:
         """The score of ``deltas``; with ``adversary`` (erased prompt -> its conditioning with the
         adversary's word), also ``remaining`` asked that way."""
-        student_erase = self._shared([(prompt, x, t) for prompt, x, t in self.erase_states], deltas)
+        student_erase = self._shared(self.erase_states, deltas)
         adversary_remaining = None
         if adversary is not None:
             asked = self._shared([(adversary[p], x, t) for p, x, t in self.erase_states], deltas)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
-from ..erase_engine.attack import AttackConfig, learn_attack, save_embedding
+from ..erase_engine.attack import AttackConfig, embedding_file_path, learn_attack, save_embedding
 from ..erase_engine.exports import lora_state_dict, save_checkpoint, save_lora
 from ..erase_engine.files import model_file_path
 from ..erase_engine.hosts.comfyui import ComfyDenoiser
@@ -310,12 +310,10 @@ class AttackErasure(io.ComfyNode):
         cls, model, clip, concept, contexts, steps, tokens, seed, name, vae=None, erasure=None, erased_model=None
     ) -> io.NodeOutput:
         erasure = given_erasure(erasure, erased_model)
-        if name.split() != [name]:
-            raise ValueError(f"the name {name!r} must be one word: ComfyUI reads embedding:<name> up to a space")
         folder = Path(folder_paths.get_folder_paths("embeddings")[0])
+        path = embedding_file_path(folder, name)
         folder.mkdir(parents=True, exist_ok=True)  # ComfyUI's own embeddings folder, absent in a bare install
-        path = model_file_path(folder, name)
-        lines = [line for line in contexts.splitlines() if line.strip()]
+        lines = contexts.splitlines()  # (blank lines dropped by the config)
         config = AttackConfig.against(erasure.config, concept, contexts=lines, tokens=tokens, steps=steps, seed=seed)
         with torch.inference_mode(False):
             denoiser = ComfyDenoiser(model, clip, vae)

@@ -65,9 +65,6 @@ class A1111Host(Host):
         checkpoints = shared.cmd_opts.ckpt_dir or sd_models.model_path
         return Path(shared.cmd_opts.lora_dir), Path(checkpoints)
 
-    def embeddings_folder(self, folder: str) -> Path:
-        return Path(shared.cmd_opts.embeddings_dir)
-
     def begin(self, total: int) -> None:
         queue_lock.acquire()  # released in end(), on the same worker thread
         shared.state.begin(job="concept_erasing")
@@ -88,8 +85,6 @@ class A1111Host(Host):
             queue_lock.release()
 
     def saved(self, kind: str, path: Path, denoiser: Denoiser) -> None:
-        if kind == "embedding":  # both hosts rescan the embeddings folder before each generation
-            return
         if kind == "checkpoint":
             if FORGE and denoiser.schedule.prediction_type == "v_prediction":
                 from erase_engine.hosts.forge import write_v_prediction_config

@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..attack import AttackConfig, learn_attack, save_embedding
+from ..attack import AttackConfig, embedding_file_path, learn_attack, save_embedding
 from ..builtin import BUILTIN_MODEL
 from ..denoiser import Denoiser
 from ..exports import save_checkpoint, save_lora
@@ -204,9 +204,7 @@ class Session:
             return
         try:
             config = AttackConfig.against(erasure.config, concept, steps=int(steps), tokens=int(tokens))
-            path = model_file_path(self.host.embeddings_folder(folder), name)
-            if name.split() != [name.strip()]:
-                raise ValueError(f"the name {name!r} must be one word: it is the embedding's word in a prompt")
+            path = embedding_file_path(self.host.embeddings_folder(folder), name)
             denoiser, deltas = erasure.denoiser, erasure.deltas
             job = self.start(lambda: Job(partial(learn_attack, denoiser, deltas, config), config.steps, self.host))
         except (ValueError, FileNotFoundError) as error:
