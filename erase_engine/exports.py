@@ -124,7 +124,7 @@ def erasure_metadata(
             "ss_new_sd_model_hash": denoiser.sha256,
             "ss_output_name": title,
             "ss_steps": str(erasure.scores[-1][0]),
-            "ss_max_train_steps": str(config.steps or config.max_steps),
+            "ss_max_train_steps": str(config.most_steps),
             "ss_learning_rate": str(config.lr),
             "ss_unet_lr": str(config.lr),
             "ss_text_encoder_lr": "0",

@@ -19,6 +19,12 @@ from .objective import PRESETS, Objective, make_objective
 # Bounds on what a user types: prompts are stored in every file's header, which must stay small.
 MAX_PROMPT_CHARS = 1000
 MAX_PRESERVE_PROMPTS = 64
+# Erased prompts (concepts in contexts) trained together in one step: at least this many, and
+# one per concept of a longer list (each concept in every step), up to the most.
+PAIRS_PER_STEP = 4
+MOST_PAIRS_PER_STEP = 64
+# Auto's most steps for one concept; a list gets more (``EraseConfig.most_steps``).
+ONE_CONCEPT_MAX_STEPS = 400
 
 
 @dataclass(frozen=True)
@@ -231,7 +237,16 @@ class EraseConfig:
         0.01,
         advanced=True,
     )
-    max_steps: int = parameter("Max steps", "The most steps auto may take.", 400, 1, 100_000, advanced=True)
+    max_steps: int | None = parameter(
+        "Max steps",
+        "The most steps auto may take; auto: 400 for one concept, 400 × concepts / √(concepts a step) for a list.",
+        0,
+        1,
+        100_000,
+        unset=0,
+        unset_means="auto",
+        advanced=True,
+    )
     contexts: list[str] = parameter(
         "Contexts (one per line; {} stands for the concept)",
         "Sentences to erase the concept in as well, as your prompts use it (the words after a concept carry it).",
@@ -321,6 +336,22 @@ class EraseConfig:
     def prompt_concepts(self) -> list[str]:
         """The erased concept of each of ``prompt_pairs``."""
         return [erase for erase, _ in self.pairs() for _ in self.contexts]
+
+    @property
+    def pairs_per_step(self) -> int:
+        """Rows of erased prompts in each training step's batch."""
+        return min(len(self.prompt_pairs()), max(PAIRS_PER_STEP, min(len(self.erase), MOST_PAIRS_PER_STEP)))
+
+    @property
+    def most_steps(self) -> int:
+        """The steps a run may take: those asked for, or auto's most: ``max_steps``, or when that
+        is unset ``400 · K / √m`` for K concepts of which m share a step (400 for one; docs/method.md, section 8)."""
+        if self.steps is not None:
+            return self.steps
+        if self.max_steps is not None:
+            return self.max_steps
+        concepts = len(self.erase)
+        return round(ONE_CONCEPT_MAX_STEPS * concepts / math.sqrt(min(concepts, MOST_PAIRS_PER_STEP)))
 
     def adversarial_prompts(self, tokens: int) -> dict[str, tuple[str, str]]:
         """For a robust erasure: each erased prompt -> (its concept, the same sentence with the

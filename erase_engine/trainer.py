@@ -15,7 +15,7 @@ from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
 from .objective import Objective, surgery_loss
 from .parallel import Ranks
-from .parameters import EraseConfig
+from .parameters import MOST_PAIRS_PER_STEP, EraseConfig
 from .sampling import TrajectoryCache
 from .score import HELD_OUT_TRAJECTORIES, Score, ScoreProbe
 
@@ -26,10 +26,6 @@ OUT_OF_MEMORY_HINT = (
 # fraction of its RMS (docs/method.md, section 8; chosen on the built-in benchmark).
 RELATIVE_STEP = 1e-2
 CHECK_EVERY = 20  # training steps between two held-out scores
-# Erased prompts (concepts in contexts) trained together in one step: at least this many, and
-# one per concept of a longer list (each concept in every step), up to the most.
-PAIRS_PER_STEP = 4
-MOST_PAIRS_PER_STEP = 64
 # Rows of each kind (erased, preserve) in one student call: a longer batch runs in pieces whose
 # gradients add up (the same step, in less memory).
 MICRO_BATCH_ROWS = 32
@@ -188,7 +184,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     deltas.to(denoiser.device)
     optimizer = torch.optim.AdamW(deltas.parameter_groups(config.lr, RELATIVE_STEP), weight_decay=0.0)
 
-    most = config.steps or config.max_steps
+    most = config.most_steps
     asked_through = adversaries.cond if adversaries is not None else None  # updated in place by each attack
     losses, scores = [], [(0, probe.score(deltas, asked_through))]
     for step in range(most):
@@ -209,7 +205,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         ranks.sum_gradients(deltas.parameters())
         optimizer.step()
         done = step + 1
-        if done % CHECK_EVERY == 0 or done == most:
+        if done % check_every(config) == 0 or done == most:
             scores.append((done, probe.score(deltas, asked_through)))
         report("training", done, most, losses[-1], scores[-1][1])
         checked = scores[-1][0] == done
@@ -254,6 +250,12 @@ def backward_piece(
     return terms.as_floats()
 
 
+def check_every(config: EraseConfig) -> int:
+    """Training steps between two held-out scores: ``CHECK_EVERY``, or for a list longer than a
+    step holds, the steps that train each concept about that often (a check scores every concept)."""
+    return CHECK_EVERY * -(-len(config.erase) // MOST_PAIRS_PER_STEP)
+
+
 def erased(score: Score, stop_at: float) -> bool:
     """Auto steps' test: the concept has gone far enough (in a robust erasure, also asked through
     the adversary's word), and the empty prompt's prediction has settled (early on, large steps
@@ -270,7 +272,7 @@ def why_stopped(config: EraseConfig, score: Score) -> str:
         reached += f", through the adversary {score.adversary_remaining:.2f}"
     if erased(score, config.stop_at):
         return f"auto: the held-out score reached {reached} <= stop_at {config.stop_at:g}"
-    return f"auto: stopped at max_steps {config.max_steps} with {reached} (stop_at {config.stop_at:g})"
+    return f"auto: stopped at max_steps {config.most_steps} with {reached} (stop_at {config.stop_at:g})"
 
 
 def encode_prompts(denoiser: Denoiser, config: EraseConfig) -> dict[str, Conditioning]:
@@ -316,10 +318,10 @@ def sample_cache(
 def draw_states(
     cache: TrajectoryCache, config: EraseConfig, preserve: list[str], pick: random.Random, generator: torch.Generator
 ) -> Draw:
-    """``pairs_per_step`` random (erased, alternative) prompt pairs, each at a random
+    """``config.pairs_per_step`` random (erased, alternative) prompt pairs, each at a random
     cached state of its own, and each preserve prompt at one of its own."""
     pairs = config.prompt_pairs()
-    chosen = pick.sample(pairs, pairs_per_step(config))
+    chosen = pick.sample(pairs, config.pairs_per_step)
     erased = [cache.draw(erase, generator) for erase, _ in chosen]
     draws = [cache.draw(p, generator) for p in preserve]
     outputs = torch.stack([out for _, _, out in erased])  # [E, 2, C, H, W]: (uncond, erased prompt)
@@ -336,11 +338,6 @@ def draw_states(
         teacher_preserve=torch.stack([out[1] for _, _, out in draws]) if draws else None,
         batch=(len(chosen), len(preserve)),
     )
-
-
-def pairs_per_step(config: EraseConfig) -> int:
-    """Rows of erased prompts in each step's batch."""
-    return min(len(config.prompt_pairs()), max(PAIRS_PER_STEP, min(len(config.erase), MOST_PAIRS_PER_STEP)))
 
 
 def teacher_target(denoiser: Denoiser, objective: Objective, draw: Draw, cond: dict[str, Conditioning]) -> torch.Tensor:

@@ -130,7 +130,7 @@ class EraseConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae=None, **values) -> io.NodeOutput:
         config = EraseConfig.from_form(values)
-        most = config.steps or config.max_steps  # auto may stop before its maximum
+        most = config.most_steps  # auto may stop before its maximum
         bar = progress_bar(config.sampler_steps, most)
         shown = {}
 

@@ -41,7 +41,7 @@ class A1111Host(Host):
     the host's generation queue, so no generation changes the model meanwhile."""
 
     chooses_model = False
-    attacks = False  # the A1111 and Forge adapters cannot learn a word embedding yet
+    attacks = FORGE  # A1111's adapter cannot learn a word embedding yet
 
     def denoiser(self, model: str) -> Denoiser:
         with queue_lock:
@@ -65,6 +65,11 @@ class A1111Host(Host):
         checkpoints = shared.cmd_opts.ckpt_dir or sd_models.model_path
         return Path(shared.cmd_opts.lora_dir), Path(checkpoints)
 
+    def embeddings_folder(self, folder: str) -> Path:
+        path = Path(shared.cmd_opts.embeddings_dir)
+        path.mkdir(parents=True, exist_ok=True)  # the host's own folder, absent from a fresh data folder
+        return path
+
     def begin(self, total: int) -> None:
         queue_lock.acquire()  # released in end(), on the same worker thread
         shared.state.begin(job="concept_erasing")
@@ -85,6 +90,9 @@ class A1111Host(Host):
             queue_lock.release()
 
     def saved(self, kind: str, path: Path, denoiser: Denoiser) -> None:
+        if kind == "embedding":  # (only Forge attacks)
+            denoiser.load_embedding(path)  # its word works in the next prompt, without a restart
+            return
         if kind == "checkpoint":
             if FORGE and denoiser.schedule.prediction_type == "v_prediction":
                 from erase_engine.hosts.forge import write_v_prediction_config

@@ -27,7 +27,7 @@ BAD_FLAGS = [
     ("list-without-alternative", ["--erase", "a dog =>"], "concept => alternative"),
     ("missing-list", ["--erase-file", "{tmp}/none.txt"], "cannot read"),
     ("context-without-concept", ["--contexts", "{}", "a photo"], "needs {} where the concept goes"),
-    ("zero-max-steps", ["--max-steps", "0"], "max_steps must be between 1 and 100000, got 0"),
+    ("max-steps-over-the-range", ["--max-steps", "100001"], "max_steps must be between 1 and 100000, got 100001"),
     ("stop-at-zero", ["--stop-at", "0"], "stop_at must be between 0.01 and 1, got 0.0"),
     ("negative-steps", ["--steps", "-5"], "steps must be between 1 and 100000, got -5"),
     ("negative-rank", ["--lora-rank", "-2"], "lora_rank must be between 1 and 256, got -2"),

@@ -133,3 +133,56 @@ def test_erasure_leaves_forge_model_alone_and_forge_reads_back_the_lora_and_chec
         torch.testing.assert_close(
             reloaded.output(x, t, reloaded.encode(PROMPTS[:1]).repeat(2)), student, rtol=1e-4, atol=1e-4
         )
+
+
+def test_the_adapters_embedding_is_forges_own_embedding_word(loaded, tmp_path):
+    """The attack's differentiable encoding, with two learned vectors in each text encoder, is
+    Forge's own encoding of a prompt that names the same vectors saved as an embedding file
+    and loaded by Forge's embedding database; the vectors change it and get a gradient."""
+    from types import SimpleNamespace
+
+    from backend.text_processing.classic_engine import ClassicTextProcessingEngine
+    from safetensors.torch import save_file
+
+    from erase_engine.attack import embedding_state_dict
+
+    _, engine, host, _ = loaded
+    torch.manual_seed(0)
+    vectors = [
+        (start.mean(0, keepdim=True).repeat(2, 1) + 0.05 * torch.randn(2, start.shape[1])).requires_grad_(True)
+        for start in host.word_vectors("star")
+    ]
+    ours = host.encode_with_embedding(["a sks sks on a black background"], "sks", vectors)
+    (ours.context.pow(2).sum() + sum(extra.pow(2).sum() for extra in ours.extras.values())).backward()
+    assert all(float(v.grad.abs().sum()) > 0 for v in vectors)
+
+    path = tmp_path / "probe.safetensors"
+    save_file(embedding_state_dict(SimpleNamespace(vectors=vectors)), path)
+    databases = [e.embeddings for e in vars(engine).values() if isinstance(e, ClassicTextProcessingEngine)]
+    assert len(databases) == len(vectors)
+    host.load_embedding(path)  # what the tab does after an attack; Forge's own loader of a file
+    try:
+        forges = host.encode(["a probe on a black background"])
+    finally:
+        for database in databases:
+            database.register_embedding_by_name(None, "probe")
+    plain = host.encode(["a star on a black background"])
+    pairs = [(ours.context, forges.context)] + [(ours.extras[k], forges.extras[k]) for k in ours.extras]
+    assert [float((mine.detach() - theirs).abs().max()) for mine, theirs in pairs] == [0.0] * len(pairs)
+    assert float((forges.context - plain.context).abs().max()) > 0.1
+
+
+def test_a_robust_erasure_learns_its_adversary_through_forges_text_encoder(loaded):
+    """robust on: the adversary's word is learned through Forge's text encoder (its weights
+    loaded as inference tensors), the score measures the concept asked through it, and
+    Forge's model is left as it was."""
+    from erase_engine import EraseConfig, erase_concept
+
+    architecture, engine, host, _ = loaded
+    if architecture != "sd1":
+        pytest.skip("one family is enough here: the embedding test checks the word's path on all three")
+    before = unet_and_text_encoder_hash(engine)
+    config = EraseConfig(erase=[PROMPTS[0]], robust="on", steps=2, trajectories=1, sampler_steps=2, resolution=64)
+    erasure = erase_concept(host, config)
+    assert erasure.score.adversary_remaining is not None and len(erasure.losses) == 2
+    assert unet_and_text_encoder_hash(engine) == before

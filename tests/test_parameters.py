@@ -30,13 +30,23 @@ def test_form_defaults_make_the_configs_defaults():
 
 @pytest.mark.parametrize(
     "name, form_value, config_value",
-    [("lora_rank", 0, None), ("resolution", 0, None), ("steps", 0, None), ("lr", 0.0, None),
+    [("lora_rank", 0, None), ("resolution", 0, None), ("steps", 0, None), ("lr", 0.0, None), ("max_steps", 0, None),
      ("eta", -1.0, None), ("lora_alpha", 0.0, None),
      ("lora_rank", 8.0, 8), ("preserve", "a dog\n\n a car ", ["a dog", "a car"]), ("into", "  ", [])],
 )  # fmt: skip
 def test_a_forms_unset_values_leave_the_setting_to_the_engine(name, form_value, config_value):
     config = EraseConfig.from_form({"erase": "a cat", name: form_value})
     assert getattr(config, name) == config_value
+
+
+@pytest.mark.parametrize("concepts, most", [(1, 400), (2, 566), (5, 894), (12, 1386), (64, 3200), (100, 5000)])
+def test_auto_gives_a_longer_list_more_steps(concepts, most):
+    """Auto's most steps, 400 * K / sqrt(min(K, 64)) (docs/method.md, section 8), worked out by
+    hand for these lists; a number given, of steps or of max_steps, is taken as it is."""
+    erase = [f"concept {i}" for i in range(concepts)]
+    assert EraseConfig(erase=erase).most_steps == most
+    assert EraseConfig(erase=erase, max_steps=50).most_steps == 50
+    assert EraseConfig(erase=erase, steps=7, max_steps=50).most_steps == 7
 
 
 def test_values_outside_the_tables_ranges_are_refused():

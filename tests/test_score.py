@@ -171,6 +171,18 @@ def test_auto_steps_stop_at_the_threshold_or_the_maximum(tiny_model_dirs):
     assert all(max(*s.remaining_by_concept.values(), s.uncond_drift) > 0.999 for _, s in both.scores[:-1])
 
 
+def test_a_list_longer_than_a_step_holds_is_checked_less_often(tiny_model_dirs, monkeypatch):
+    """Three concepts where a step holds two (instead of 65 and 64, to stay quick): each is
+    trained in about half the steps, so the held-out score, which scores all of them, comes
+    every 2 * CHECK_EVERY steps, and at the last one."""
+    from erase_engine import load_denoiser, trainer
+
+    monkeypatch.setattr(trainer, "MOST_PAIRS_PER_STEP", 2)
+    denoiser = load_denoiser(tiny_model_dirs["sd1"])
+    config = EraseConfig(erase=["a cat", "a car", "a cup"], trajectories=1, sampler_steps=1, steps=45)
+    assert [steps for steps, _ in erase_concept(denoiser, config).scores] == [0, 2 * CHECK_EVERY, 45]
+
+
 @pytest.mark.parametrize("rank", [None, 2])
 def test_the_automatic_learning_rate_moves_every_layer_by_the_same_fraction(tiny_model_dirs, rank):
     """One AdamW step (its first moves each entry by its learning rate) on every layer with a

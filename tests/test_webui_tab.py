@@ -5,7 +5,9 @@ model, save a LoRA and a checkpoint, and check through the host's own API that
 - the loaded model still renders the same picture at the same seed;
 - the LoRA and the checkpoint are listed at once, with no refresh or restart;
 - ``<lora:name:1>`` and the saved checkpoint render the same erased picture;
-- the host's Interrupt stops an erasure with nothing written.
+- the host's Interrupt stops an erasure with nothing written;
+- in Forge, the attack section attacks the erasure and its embedding's word works in the
+  next prompt (A1111's tab hides the section).
 
 Needs ``A1111_DIR`` and/or ``FORGE_DIR`` (checkouts with their ``repositories/``;
 README, "Developing"); ``A1111_PYTHON`` / ``FORGE_PYTHON`` are their interpreters.
@@ -26,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from support import ROOT
 from support.browser import chromium, fill_text, needs_chromium, status, wait_for_status
@@ -181,6 +184,30 @@ def test_erase_in_the_tab_then_use_the_lora_and_checkpoint(webui, tab, tmp_path)
     wait_for_status(tab, "again.safetensors", 900)  # the status names what it saved
     first, again = load_file(lora), load_file(webui.base / "models/Lora/again.safetensors")
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+    if webui.name == "forge":  # (A1111's adapter cannot learn a word yet: its tab hides the section)
+        attack_the_erasure_and_use_the_word(webui, tab)
+    else:
+        assert not tab.locator("#ce_attack_section").is_visible()
+
+
+def attack_the_erasure_and_use_the_word(webui, tab) -> None:
+    """The attack section attacks the last erasure and saves the embedding in the host's
+    embeddings folder, where the prompt word reads it at once (no restart, no refresh)."""
+    word_before = webui.txt2img("catback")  # not an embedding yet: the word's own tokens
+    tab.click("#ce_attack_section")
+    tab.locator("#ce_attack_steps input[type=number]").fill("5")
+    tab.locator("#ce_attack_steps input[type=number]").press("Tab")
+    fill_text(tab, "attack_name", "catback")
+    tab.click("#ce_attack")
+    wait_for_status(tab, "Done", 900, "ce_attack_status")
+    assert "recovered" in status(tab, "ce_attack_status") and tab.locator("#ce_attack_grid img").count() == 1
+    with safe_open(webui.base / "embeddings/catback.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["attack.config"])["concept"] == "a photo of a cat"
+        assert list(f.keys()) == ["emb_params"]
+    log_before = len(webui.log.read_text())
+    assert np.abs(webui.txt2img("catback") - word_before).max() > 0
+    assert "Used Embedding [catback]" in webui.log.read_text()[log_before:]  # Forge's own textual inversion
 
 
 def test_the_hosts_interrupt_stops_the_erasure_and_writes_nothing(webui, tab):

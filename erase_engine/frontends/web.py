@@ -152,7 +152,7 @@ class Session:
 
             def erasure_job() -> Job:
                 denoiser = self.host.denoiser(model)
-                return Job(partial(erase_concept, denoiser, config), config.steps or config.max_steps, self.host)
+                return Job(partial(erase_concept, denoiser, config), config.most_steps, self.host)
 
             job = self.start(erasure_job)
         except (ValueError, FileNotFoundError, KeyError) as error:

@@ -11,7 +11,7 @@ checkpoint as loaded, without the LoRAs of the last generation.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -20,8 +20,11 @@ from backend.diffusion_engine.sd15 import StableDiffusion
 from backend.diffusion_engine.sd20 import StableDiffusion2
 from backend.diffusion_engine.sdxl import StableDiffusionXL
 from backend.modules.k_prediction import Prediction
+from torch import nn
+from torch.func import functional_call
 
-from ..denoiser import Conditioning, copying_saved_activations, to_signed_range, to_unit_range
+from ..denoiser import Conditioning, copying_saved_activations, normal_parameters, to_signed_range, to_unit_range
+from .diffusers_model import replace_word_embedding, single_token_id
 from .sigma import SigmaDenoiser
 
 # Forge's engine class -> the engine's architecture name
@@ -53,6 +56,21 @@ def model_family(engine) -> tuple[str, str]:
             + (" (an inpainting model)" if engine.is_inpaint else "")
         )
     return ARCHITECTURE[type(engine)], prediction
+
+
+class LearnedConditioning(nn.Module):
+    """Forge's own ``get_learned_conditioning``, without the inference mode it is declared
+    under, as a module call: ``functional_call`` lends it normal aliases of the text encoder's
+    weights (Forge loads them as inference tensors, which autograd cannot save)."""
+
+    def __init__(self, engine, text_encoders: nn.Module):
+        super().__init__()
+        self.model = text_encoders  # the CLIP objects' cond_stage_model, which the engine's calls use
+        self.engine = [engine]  # in a list: not a submodule
+
+    def forward(self, prompts: list[str]):
+        engine = self.engine[0]
+        return type(engine).get_learned_conditioning.__wrapped__(engine, prompts)
 
 
 class ForgeDenoiser(SigmaDenoiser):
@@ -97,10 +115,53 @@ class ForgeDenoiser(SigmaDenoiser):
     def encode(self, prompts: list[str]) -> Conditioning:
         with torch.no_grad(), self._original_objects():
             cond = self.engine.get_learned_conditioning(prompts)
+        return self._conditioning(cond)
+
+    def _conditioning(self, cond) -> Conditioning:
+        """The engine's form of what ``get_learned_conditioning`` returned."""
         self._load()  # the text encoder may have pushed the UNet off the device
         if isinstance(cond, dict):  # SDXL: context and the pooled/size vector
             return Conditioning(cond["crossattn"].to(self.device), {"y": cond["vector"].to(self.device)})
         return Conditioning(cond.to(self.device))
+
+    def encode_with_embedding(self, prompts: list[str], word: str, vectors: list[torch.Tensor]) -> Conditioning:
+        """As Forge puts a textual-inversion embedding in a prompt: its vectors take the places of
+        the word's tokens in each encoder's token embeddings (before the position embeddings),
+        and Forge's own text encoding reads them (SDXL: ``vectors`` for clip_l, then clip_g)."""
+        with self._original_objects():
+            self.engine.get_learned_conditioning([""])  # loads the encoder; its first call casts its tables to fp32
+            encode = LearnedConditioning(self.engine, self.objects.clip.cond_stage_model)
+            weights = normal_parameters(encode)
+            with ExitStack() as hooks:
+                for text, rows in zip(self._text_engines(), vectors, strict=True):
+                    table = text.text_encoder.transformer.get_input_embeddings()
+                    rows = rows.to(table.weight.device)
+                    replace = replace_word_embedding(single_token_id(text.tokenizer, word), rows)
+                    hooks.callback(table.register_forward_hook(replace).remove)
+                cond = functional_call(encode, weights, (prompts,))
+        return self._conditioning(cond)
+
+    def word_vectors(self, text: str) -> list[torch.Tensor]:
+        vectors = []
+        for engine in self._text_engines():
+            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"{text!r} has no tokens")
+            table = engine.text_encoder.transformer.get_input_embeddings().weight
+            vectors.append(table[torch.tensor(ids, device=table.device)].detach().float().clone())
+        return vectors
+
+    def load_embedding(self, path: Path) -> None:
+        """Load a textual-inversion file into the model's embedding databases, as Forge does with
+        its embeddings folder when it loads a model (it does not rescan the folder later)."""
+        for engine in self._text_engines():
+            engine.embeddings.load_from_file(str(path), path.name)
+
+    def _text_engines(self) -> list:
+        """Forge's text processing engines, in the order of an embedding file's vectors."""
+        if isinstance(self.engine, StableDiffusionXL):
+            return [self.engine.text_processing_engine_l, self.engine.text_processing_engine_g]
+        return [self.engine.text_processing_engine]
 
     def _predict(self, x_t, t, cond, weights):
         if not weights:
