@@ -221,6 +221,13 @@ class Denoiser(ABC):
         return self._aliases[1]
 
 
+def token_rows(table: torch.Tensor, ids: list[int], text: str) -> torch.Tensor:
+    """A copy of a token-embedding table's rows for ``text``'s token ``ids`` (``word_vectors``)."""
+    if not ids:
+        raise ValueError(f"{text!r} has no tokens")
+    return table[torch.tensor(ids, device=table.device)].detach().clone()
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """A VAE's output in [-1, 1] as images in [0, 1] (float32)."""
     return (images.float() / 2 + 0.5).clamp(0, 1)

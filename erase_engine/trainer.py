@@ -184,7 +184,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     deltas.to(denoiser.device)
     optimizer = torch.optim.AdamW(deltas.parameter_groups(config.lr, RELATIVE_STEP), weight_decay=0.0)
 
-    most = config.most_steps
+    most, every = config.most_steps, check_every(config)
     asked_through = adversaries.cond if adversaries is not None else None  # updated in place by each attack
     losses, scores = [], [(0, probe.score(deltas, asked_through))]
     for step in range(most):
@@ -205,7 +205,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         ranks.sum_gradients(deltas.parameters())
         optimizer.step()
         done = step + 1
-        if done % check_every(config) == 0 or done == most:
+        if done % every == 0 or done == most:
             scores.append((done, probe.score(deltas, asked_through)))
         report("training", done, most, losses[-1], scores[-1][1])
         checked = scores[-1][0] == done

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 from safetensors import safe_open
-from support.browser import chromium, fill_text, needs_chromium, status, wait_for_status
+from support.browser import chromium, fill_text, needs_chromium, start_attack, status, wait_for_status
 
 pytestmark = needs_chromium
 
@@ -76,11 +76,7 @@ def test_erase_in_the_browser_shows_progress_result_and_downloads_the_lora(app, 
     assert path.read_bytes() == (folder / "no-stars.safetensors").read_bytes()
 
     # Then attack that erasure from its section: progress, the grid, the embedding in the folder.
-    page.click("#ce_attack_section")
-    page.locator("#ce_attack_steps input[type=number]").fill("20")
-    page.locator("#ce_attack_steps input[type=number]").press("Tab")
-    fill_text(page, "attack_name", "star-attack")
-    page.click("#ce_attack")
+    start_attack(page, 20, "star-attack")
     wait_for_status(page, "Attacking the erasure of 'star'", 120, "ce_attack_status")
     wait_for_status(page, "Done", 300, "ce_attack_status")
     assert "recovered" in status(page, "ce_attack_status")

@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from support import ROOT
-from support.browser import chromium, fill_text, needs_chromium, status, wait_for_status
+from support.browser import chromium, fill_text, needs_chromium, start_attack, status, wait_for_status
 from support.clip_l import save_clip_l
 from support.models import MAKE_CHECKPOINT
 from support.servers import free_port, running
@@ -195,11 +195,7 @@ def attack_the_erasure_and_use_the_word(webui, tab) -> None:
     """The attack section attacks the last erasure and saves the embedding in the host's
     embeddings folder, where the prompt word reads it at once (no restart, no refresh)."""
     word_before = webui.txt2img("catback")  # not an embedding yet: the word's own tokens
-    tab.click("#ce_attack_section")
-    tab.locator("#ce_attack_steps input[type=number]").fill("5")
-    tab.locator("#ce_attack_steps input[type=number]").press("Tab")
-    fill_text(tab, "attack_name", "catback")
-    tab.click("#ce_attack")
+    start_attack(tab, 5, "catback")
     wait_for_status(tab, "Done", 900, "ce_attack_status")
     assert "recovered" in status(tab, "ce_attack_status") and tab.locator("#ce_attack_grid img").count() == 1
     with safe_open(webui.base / "embeddings/catback.safetensors", "pt") as f:

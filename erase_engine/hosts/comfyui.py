@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..denoiser import Conditioning, copying_saved_activations, normal_parameters
+from ..denoiser import Conditioning, copying_saved_activations, normal_parameters, token_rows
 from .sigma import SigmaDenoiser
 
 # ComfyUI's model config class -> the engine's architecture name
@@ -101,13 +101,11 @@ class ComfyDenoiser(SigmaDenoiser):
         return self._conditioning(outputs)
 
     def word_vectors(self, text: str) -> list[torch.Tensor]:
-        vectors = []
-        for key, ids in self._token_ids(text).items():
-            if not ids:
-                raise ValueError(f"{text!r} has no tokens")
-            table = getattr(self.clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight
-            vectors.append(table[torch.tensor(ids, device=table.device)].detach().float().clone())
-        return vectors
+        encoders = self.clip.cond_stage_model
+        return [
+            token_rows(getattr(encoders, f"clip_{key}").transformer.get_input_embeddings().weight, ids, text).float()
+            for key, ids in self._token_ids(text).items()
+        ]
 
     def _token_ids(self, text: str) -> dict[str, list[int]]:
         """``text``'s token ids for each text encoder, as ComfyUI's tokenizer reads a word."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import ldm_layout
 from ..architectures import BaseModelInfo
-from ..denoiser import Conditioning, Denoiser, NoiseSchedule, to_signed_range, to_unit_range
+from ..denoiser import Conditioning, Denoiser, NoiseSchedule, to_signed_range, to_unit_range, token_rows
 from ..files import read_state_dict, sha256_of_file, weights_sha256
 from ..tokenizer import check_vocab_size
 from .diffusers_configs import CONFIG_METADATA_KEY
@@ -120,14 +120,10 @@ class DiffusersDenoiser(Denoiser):
                 hook.remove()
 
     def word_vectors(self, text: str) -> list[torch.Tensor]:
-        vectors = []
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-            if not ids:
-                raise ValueError(f"{text!r} has no tokens")
-            table = encoder.get_input_embeddings().weight
-            vectors.append(table[torch.tensor(ids, device=table.device)].detach().clone())
-        return vectors
+        return [
+            token_rows(encoder.get_input_embeddings().weight, tokenizer(text, add_special_tokens=False).input_ids, text)
+            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True)
+        ]
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         hidden, pooled = [], None

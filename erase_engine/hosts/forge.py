@@ -23,7 +23,14 @@ from backend.modules.k_prediction import Prediction
 from torch import nn
 from torch.func import functional_call
 
-from ..denoiser import Conditioning, copying_saved_activations, normal_parameters, to_signed_range, to_unit_range
+from ..denoiser import (
+    Conditioning,
+    copying_saved_activations,
+    normal_parameters,
+    to_signed_range,
+    to_unit_range,
+    token_rows,
+)
 from .diffusers_model import replace_word_embedding, single_token_id
 from .sigma import SigmaDenoiser
 
@@ -142,14 +149,14 @@ class ForgeDenoiser(SigmaDenoiser):
         return self._conditioning(cond)
 
     def word_vectors(self, text: str) -> list[torch.Tensor]:
-        vectors = []
-        for engine in self._text_engines():
-            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ValueError(f"{text!r} has no tokens")
-            table = engine.text_encoder.transformer.get_input_embeddings().weight
-            vectors.append(table[torch.tensor(ids, device=table.device)].detach().float().clone())
-        return vectors
+        return [
+            token_rows(
+                engine.text_encoder.transformer.get_input_embeddings().weight,
+                engine.tokenizer(text, add_special_tokens=False)["input_ids"],
+                text,
+            ).float()
+            for engine in self._text_engines()
+        ]
 
     def load_embedding(self, path: Path) -> None:
         """Load a textual-inversion file into the model's embedding databases, as Forge does with

@@ -47,3 +47,12 @@ def wait_for_status(page, text: str, timeout_s: float, element: str = "ce_status
 def fill_text(page, name: str, text: str) -> None:
     """Type into the interface's text field ``name`` (a textarea or an input, by gradio version)."""
     page.locator(f"#ce_{name} textarea, #ce_{name} input").first.fill(text)
+
+
+def start_attack(page, steps: int, name: str) -> None:
+    """Open the attack section, set its budget and the embedding's name, and press Attack."""
+    page.click("#ce_attack_section")
+    page.locator("#ce_attack_steps input[type=number]").fill(str(steps))
+    page.locator("#ce_attack_steps input[type=number]").press("Tab")
+    fill_text(page, "attack_name", name)
+    page.click("#ce_attack")
