@@ -8,9 +8,11 @@ engine (objective, trajectory cache, trainer, exports) only talks to this.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -203,7 +205,7 @@ class Denoiser(ABC):
         return self._predict(x_t, t, cond, weights)
 
     def call_network(self, weights: dict[str, torch.Tensor], *args, **kwargs):
-        if not weights:
+        if not weights and not torch.is_grad_enabled():  # the frozen model, in a pass autograd does not record
             return self.network(*args, **kwargs)
         return functional_call(self.network, {**self._frozen_weights(), **weights}, args, kwargs, strict=False)
 
@@ -226,6 +228,65 @@ def token_rows(table: torch.Tensor, ids: list[int], text: str) -> torch.Tensor:
     if not ids:
         raise ValueError(f"{text!r} has no tokens")
     return table[torch.tensor(ids, device=table.device)].detach().clone()
+
+
+def single_token_id(tokenizer, word: str) -> int:
+    """The id of ``word``, which must be one token of ``tokenizer``."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} tokens of this tokenizer, not one")
+    return ids[0]
+
+
+def replace_word_embedding(token_id: int, rows: torch.Tensor):
+    """A forward hook for a text encoder's token-embedding table: the k-th occurrence of
+    ``token_id`` in a prompt gets ``rows[k]`` (as A1111 and ComfyUI put a textual-inversion
+    embedding's vectors in place of its name's tokens, before the position embeddings)."""
+
+    def hook(module, inputs, output):
+        found = inputs[0] == token_id
+        if not found.any():
+            return output
+        order = found.long().cumsum(dim=1) - 1  # which occurrence in its prompt
+        if int(order.max()) >= len(rows):
+            raise ValueError(f"a prompt holds the placeholder more than the embedding's {len(rows)} times")
+        output = output.clone()
+        output[found] = rows[order[found]].to(output.dtype)
+        return output
+
+    return hook
+
+
+@contextmanager
+def word_in_place(tables: list[tuple[nn.Embedding, int]], vectors: list[torch.Tensor]) -> Iterator[None]:
+    """While inside: each (token-embedding table, the word's token id) reads the word as its
+    ``vectors`` (one tensor per table, in order)."""
+    with ExitStack() as hooks:
+        for (table, token_id), rows in zip(tables, vectors, strict=True):
+            replace = replace_word_embedding(token_id, rows.to(table.weight.device))
+            hooks.callback(table.register_forward_hook(replace).remove)
+        yield
+
+
+class HostEncoding(nn.Module):
+    """A host's own prompt encoding as a module call over its text encoders, so that
+    ``functional_call`` can lend it normal aliases of their weights that need no gradient (a
+    host's weights may ask for one, or be inference tensors that autograd cannot save)."""
+
+    def __init__(self, encode: Callable[[list[str]], Any], text_encoders: nn.Module):
+        super().__init__()
+        self.model = text_encoders  # the modules the host's ``encode`` calls
+        self.encode_prompts = encode
+
+    def forward(self, prompts: list[str]):
+        return self.encode_prompts(prompts)
+
+
+def differentiable_encoding(encode: Callable[[list[str]], Any], text_encoders: nn.Module, prompts: list[str]):
+    """``encode(prompts)`` with autograd on, through aliases of ``text_encoders``' weights
+    that get no gradient (``HostEncoding``)."""
+    module = HostEncoding(encode, text_encoders)
+    return functional_call(module, normal_parameters(module), (prompts,))
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:

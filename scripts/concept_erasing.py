@@ -41,7 +41,6 @@ class A1111Host(Host):
     the host's generation queue, so no generation changes the model meanwhile."""
 
     chooses_model = False
-    attacks = FORGE  # A1111's adapter cannot learn a word embedding yet
 
     def denoiser(self, model: str) -> Denoiser:
         with queue_lock:
@@ -90,9 +89,10 @@ class A1111Host(Host):
             queue_lock.release()
 
     def saved(self, kind: str, path: Path, denoiser: Denoiser) -> None:
-        if kind == "embedding":  # (only Forge attacks)
-            denoiser.load_embedding(path)  # its word works in the next prompt, without a restart
-            return
+        if kind == "embedding":  # its word works in the next prompt, without a restart
+            if FORGE:  # Forge reads its embeddings folder when it loads a model only
+                denoiser.load_embedding(path)
+            return  # A1111 rescans its embeddings folder before each generation
         if kind == "checkpoint":
             if FORGE and denoiser.schedule.prediction_type == "v_prediction":
                 from erase_engine.hosts.forge import write_v_prediction_config

@@ -186,3 +186,23 @@ def test_erasure_on_the_a1111_model_trains_and_leaves_it_unchanged(host_model):
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_a_learned_word_reads_as_the_word_whose_vectors_it_holds(host_model):
+    """A round trip through ldm's own text encoder: the placeholder given the token embeddings of
+    "cat" encodes as "cat" does; the vectors get a gradient through the UNet, the host's weights none."""
+    _, model = host_model
+    host = A1111Denoiser(model, "random")
+    width = host.encode([""]).context.shape[-1]
+    cat = host.word_vectors("cat")
+    assert [v.shape for v in cat] == [(1, width)]
+    learned = [v.clone().requires_grad_(True) for v in cat]
+
+    cond = host.encode_with_embedding(["a photo of a sks", ""], "sks", learned)
+    torch.testing.assert_close(cond.context, host.encode(["a photo of a cat", ""]).context)
+    assert not torch.allclose(cond.context[0], host.encode(["a photo of a sks"]).context[0])
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    host.output(x, torch.tensor([500, 500]), cond).square().mean().backward()
+    assert learned[0].grad is not None and learned[0].grad.abs().max() > 0
+    assert all(p.grad is None for p in model.parameters())  # (A1111's weights ask for gradients)

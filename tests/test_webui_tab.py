@@ -6,8 +6,7 @@ model, save a LoRA and a checkpoint, and check through the host's own API that
 - the LoRA and the checkpoint are listed at once, with no refresh or restart;
 - ``<lora:name:1>`` and the saved checkpoint render the same erased picture;
 - the host's Interrupt stops an erasure with nothing written;
-- in Forge, the attack section attacks the erasure and its embedding's word works in the
-  next prompt (A1111's tab hides the section).
+- the attack section attacks the erasure and its embedding's word works in the next prompt.
 
 Needs ``A1111_DIR`` and/or ``FORGE_DIR`` (checkouts with their ``repositories/``;
 README, "Developing"); ``A1111_PYTHON`` / ``FORGE_PYTHON`` are their interpreters.
@@ -185,10 +184,7 @@ def test_erase_in_the_tab_then_use_the_lora_and_checkpoint(webui, tab, tmp_path)
     first, again = load_file(lora), load_file(webui.base / "models/Lora/again.safetensors")
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
-    if webui.name == "forge":  # (A1111's adapter cannot learn a word yet: its tab hides the section)
-        attack_the_erasure_and_use_the_word(webui, tab)
-    else:
-        assert not tab.locator("#ce_attack_section").is_visible()
+    attack_the_erasure_and_use_the_word(webui, tab)
 
 
 def attack_the_erasure_and_use_the_word(webui, tab) -> None:
@@ -203,7 +199,12 @@ def attack_the_erasure_and_use_the_word(webui, tab) -> None:
         assert list(f.keys()) == ["emb_params"]
     log_before = len(webui.log.read_text())
     assert np.abs(webui.txt2img("catback") - word_before).max() > 0
-    assert "Used Embedding [catback]" in webui.log.read_text()[log_before:]  # Forge's own textual inversion
+    log = webui.log.read_text()[log_before:]  # the host's own textual inversion read the word
+    if webui.name == "forge":
+        assert "Used Embedding [catback]" in log
+    else:  # A1111 rescans its embeddings folder before a generation and lists what it loaded
+        loaded = [line for line in log.splitlines() if line.startswith("Textual inversion embeddings loaded")]
+        assert loaded and "catback" in loaded[-1]
 
 
 def test_the_hosts_interrupt_stops_the_erasure_and_writes_nothing(webui, tab):

@@ -36,7 +36,6 @@ class Host:
     chooses_model = True  # show model and folder fields (the standalone app)
     default_model = BUILTIN_MODEL
     default_folder = "."
-    attacks = True  # show the attack section (its adapter can learn a word)
 
     def denoiser(self, model: str) -> Denoiser:
         raise NotImplementedError
@@ -311,9 +310,7 @@ def build_ui(host: Host):
                 strength = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="Strength")
                 purify_button = gr.Button("Purify")
             purify_status = gr.Markdown("")
-        with gr.Accordion(
-            "Does it come back? Attack the last erasure", open=False, visible=host.attacks, elem_id="ce_attack_section"
-        ):
+        with gr.Accordion("Does it come back? Attack the last erasure", open=False, elem_id="ce_attack_section"):
             gr.Markdown(
                 "Learns a textual-inversion embedding that asks the erased model for the concept again, "
                 "and saves it into the embeddings folder. An embedding that brings the concept back proves "

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from ..architectures import ARCHITECTURES, LATENT_CHANNELS, SUPPORTED, VAE_SCALE_FACTOR
-from ..denoiser import Conditioning, Denoiser, NoiseSchedule, to_signed_range, to_unit_range
+from ..denoiser import (
+    Conditioning,
+    Denoiser,
+    NoiseSchedule,
+    differentiable_encoding,
+    single_token_id,
+    to_signed_range,
+    to_unit_range,
+    token_rows,
+    word_in_place,
+)
+from ..tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 
 # A1111's models tell the families apart by their cross-attention context's width.
 BY_CONTEXT_WIDTH = {a.context_width: a for a in ARCHITECTURES.values()}
@@ -84,10 +96,43 @@ class A1111Denoiser(Denoiser):
 
     def encode(self, prompts: list[str]) -> Conditioning:
         with torch.no_grad():
-            if self.is_sdxl:  # A1111's sgm models take the batch of prompts and return crossattn + vector
-                cond = self.model.get_learned_conditioning(prompts)
-                return Conditioning(cond["crossattn"].to(self.dtype), {"vector": cond["vector"].to(self.dtype)})
-            return Conditioning(self.model.get_learned_conditioning(prompts).to(self.dtype))
+            return self._conditioning(self.model.get_learned_conditioning(prompts))
+
+    def _conditioning(self, cond) -> Conditioning:
+        if self.is_sdxl:  # A1111's sgm models take the batch of prompts and return crossattn + vector
+            return Conditioning(cond["crossattn"].to(self.dtype), {"vector": cond["vector"].to(self.dtype)})
+        return Conditioning(cond.to(self.dtype))
+
+    def encode_with_embedding(self, prompts: list[str], word: str, vectors: list[torch.Tensor]) -> Conditioning:
+        """As A1111 puts a textual-inversion embedding in a prompt: its vectors take the places of
+        the word's tokens in each encoder's token embeddings, and the model's own text encoding
+        reads them (SDXL: ``vectors`` for CLIP-L, then OpenCLIP bigG)."""
+        token_id = single_token_id(self._tokenizer, word)
+        with word_in_place([(table, token_id) for table in self._token_tables()], vectors):
+            cond = differentiable_encoding(self.model.get_learned_conditioning, self._text_encoders(), prompts)
+        return self._conditioning(cond)
+
+    def word_vectors(self, text: str) -> list[torch.Tensor]:
+        ids = self._tokenizer(text, add_special_tokens=False).input_ids
+        return [token_rows(table.weight, ids, text).float() for table in self._token_tables()]
+
+    def _text_encoders(self) -> nn.Module:
+        return self.model.conditioner if self.is_sdxl else self.model.cond_stage_model
+
+    def _token_tables(self) -> list[nn.Embedding]:
+        """Each text encoder's token-embedding table, in the order of an embedding file's vectors.
+        (A1111 wraps each table in its own module that adds its embeddings: the table is inside.)"""
+        return [
+            module
+            for module in self._text_encoders().modules()
+            if isinstance(module, nn.Embedding) and module.num_embeddings == CLIP_VOCAB_SIZE
+        ]
+
+    @cached_property
+    def _tokenizer(self):
+        """CLIP's tokenizer: every text encoder of these families reads CLIP's BPE vocabulary
+        (OpenCLIP's models too), so a word has the same token ids in each."""
+        return clip_tokenizer()
 
     def _predict(self, x_t, t, cond, weights):
         with self._checkpointing_off():

@@ -11,7 +11,16 @@ from torch import nn
 
 from .. import ldm_layout
 from ..architectures import BaseModelInfo
-from ..denoiser import Conditioning, Denoiser, NoiseSchedule, to_signed_range, to_unit_range, token_rows
+from ..denoiser import (
+    Conditioning,
+    Denoiser,
+    NoiseSchedule,
+    single_token_id,
+    to_signed_range,
+    to_unit_range,
+    token_rows,
+    word_in_place,
+)
 from ..files import read_state_dict, sha256_of_file, weights_sha256
 from ..tokenizer import check_vocab_size
 from .diffusers_configs import CONFIG_METADATA_KEY
@@ -32,33 +41,6 @@ def ordered_config(config) -> dict:
     if "_use_default_values" in config:
         config["_use_default_values"] = sorted(config["_use_default_values"])
     return config
-
-
-def single_token_id(tokenizer, word: str) -> int:
-    """The id of ``word``, which must be one token of ``tokenizer``."""
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise ValueError(f"{word!r} is {len(ids)} tokens of this tokenizer, not one")
-    return ids[0]
-
-
-def replace_word_embedding(token_id: int, rows: torch.Tensor):
-    """A forward hook for a text encoder's token-embedding table: the k-th occurrence of
-    ``token_id`` in a prompt gets ``rows[k]`` (as A1111 and ComfyUI put a textual-inversion
-    embedding's vectors in place of its name's tokens, before the position embeddings)."""
-
-    def hook(module, inputs, output):
-        found = inputs[0] == token_id
-        if not found.any():
-            return output
-        order = found.long().cumsum(dim=1) - 1  # which occurrence in its prompt
-        if int(order.max()) >= len(rows):
-            raise ValueError(f"a prompt holds the placeholder more than the embedding's {len(rows)} times")
-        output = output.clone()
-        output[found] = rows[order[found]].to(output.dtype)
-        return output
-
-    return hook
 
 
 class DiffusersDenoiser(Denoiser):
@@ -109,15 +91,12 @@ class DiffusersDenoiser(Denoiser):
         return self._encode(prompts)
 
     def encode_with_embedding(self, prompts: list[str], word: str, vectors: list[torch.Tensor]) -> Conditioning:
-        hooks = []
-        try:
-            for tokenizer, encoder, rows in zip(self.tokenizers, self.text_encoders, vectors, strict=True):
-                replace = replace_word_embedding(single_token_id(tokenizer, word), rows)
-                hooks.append(encoder.get_input_embeddings().register_forward_hook(replace))
+        tables = [
+            (encoder.get_input_embeddings(), single_token_id(tokenizer, word))
+            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True)
+        ]
+        with word_in_place(tables, vectors):
             return self._encode(prompts)
-        finally:
-            for hook in hooks:
-                hook.remove()
 
     def word_vectors(self, text: str) -> list[torch.Tensor]:
         return [

@@ -11,7 +11,8 @@ checkpoint as loaded, without the LoRAs of the last generation.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,18 +21,17 @@ from backend.diffusion_engine.sd15 import StableDiffusion
 from backend.diffusion_engine.sd20 import StableDiffusion2
 from backend.diffusion_engine.sdxl import StableDiffusionXL
 from backend.modules.k_prediction import Prediction
-from torch import nn
-from torch.func import functional_call
 
 from ..denoiser import (
     Conditioning,
     copying_saved_activations,
-    normal_parameters,
+    differentiable_encoding,
+    single_token_id,
     to_signed_range,
     to_unit_range,
     token_rows,
+    word_in_place,
 )
-from .diffusers_model import replace_word_embedding, single_token_id
 from .sigma import SigmaDenoiser
 
 # Forge's engine class -> the engine's architecture name
@@ -63,21 +63,6 @@ def model_family(engine) -> tuple[str, str]:
             + (" (an inpainting model)" if engine.is_inpaint else "")
         )
     return ARCHITECTURE[type(engine)], prediction
-
-
-class LearnedConditioning(nn.Module):
-    """Forge's own ``get_learned_conditioning``, without the inference mode it is declared
-    under, as a module call: ``functional_call`` lends it normal aliases of the text encoder's
-    weights (Forge loads them as inference tensors, which autograd cannot save)."""
-
-    def __init__(self, engine, text_encoders: nn.Module):
-        super().__init__()
-        self.model = text_encoders  # the CLIP objects' cond_stage_model, which the engine's calls use
-        self.engine = [engine]  # in a list: not a submodule
-
-    def forward(self, prompts: list[str]):
-        engine = self.engine[0]
-        return type(engine).get_learned_conditioning.__wrapped__(engine, prompts)
 
 
 class ForgeDenoiser(SigmaDenoiser):
@@ -137,15 +122,14 @@ class ForgeDenoiser(SigmaDenoiser):
         and Forge's own text encoding reads them (SDXL: ``vectors`` for clip_l, then clip_g)."""
         with self._original_objects():
             self.engine.get_learned_conditioning([""])  # loads the encoder; its first call casts its tables to fp32
-            encode = LearnedConditioning(self.engine, self.objects.clip.cond_stage_model)
-            weights = normal_parameters(encode)
-            with ExitStack() as hooks:
-                for text, rows in zip(self._text_engines(), vectors, strict=True):
-                    table = text.text_encoder.transformer.get_input_embeddings()
-                    rows = rows.to(table.weight.device)
-                    replace = replace_word_embedding(single_token_id(text.tokenizer, word), rows)
-                    hooks.callback(table.register_forward_hook(replace).remove)
-                cond = functional_call(encode, weights, (prompts,))
+            tables = [
+                (text.text_encoder.transformer.get_input_embeddings(), single_token_id(text.tokenizer, word))
+                for text in self._text_engines()
+            ]
+            # Forge declares get_learned_conditioning under inference mode: its undecorated function
+            encode = partial(type(self.engine).get_learned_conditioning.__wrapped__, self.engine)
+            with word_in_place(tables, vectors):
+                cond = differentiable_encoding(encode, self.objects.clip.cond_stage_model, prompts)
         return self._conditioning(cond)
 
     def word_vectors(self, text: str) -> list[torch.Tensor]:
@@ -171,10 +155,10 @@ class ForgeDenoiser(SigmaDenoiser):
         return [self.engine.text_processing_engine]
 
     def _predict(self, x_t, t, cond, weights):
-        if not weights:
+        if not torch.is_grad_enabled():
             return super()._predict(x_t, t, cond, weights)
         # Forge's UNet is inference code: it adds residuals in place (``x += n``) after autograd
-        # saved ``x``.  The student's pass keeps copies of the activations it saves instead.
+        # saved ``x``.  A pass that autograd records keeps copies of the activations it saves instead.
         with copying_saved_activations():
             return super()._predict(x_t, t, cond, weights)
 
