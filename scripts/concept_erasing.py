@@ -90,8 +90,11 @@ class A1111Host(Host):
 
     def saved(self, kind: str, path: Path, denoiser: Denoiser) -> None:
         if kind == "embedding":  # its word works in the next prompt, without a restart
-            if FORGE:  # Forge reads its embeddings folder when it loads a model only
-                denoiser.load_embedding(path)
+            if FORGE:  # Forge reads its embeddings folder only when it loads a model: tell the loaded one
+                from erase_engine.hosts.forge import load_embedding
+
+                # (the model loaded now: a checkpoint switch since the erasure made a new one)
+                load_embedding(shared.sd_model, path)
             return  # A1111 rescans its embeddings folder before each generation
         if kind == "checkpoint":
             if FORGE and denoiser.schedule.prediction_type == "v_prediction":

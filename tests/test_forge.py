@@ -145,6 +145,7 @@ def test_the_adapters_embedding_is_forges_own_embedding_word(loaded, tmp_path):
     from safetensors.torch import save_file
 
     from erase_engine.attack import embedding_state_dict
+    from erase_engine.hosts.forge import load_embedding
 
     _, engine, host, _ = loaded
     torch.manual_seed(0)
@@ -160,7 +161,7 @@ def test_the_adapters_embedding_is_forges_own_embedding_word(loaded, tmp_path):
     save_file(embedding_state_dict(SimpleNamespace(vectors=vectors)), path)
     databases = [e.embeddings for e in vars(engine).values() if isinstance(e, ClassicTextProcessingEngine)]
     assert len(databases) == len(vectors)
-    host.load_embedding(path)  # what the tab does after an attack; Forge's own loader of a file
+    load_embedding(engine, path)  # what the tab does after an attack; Forge's own loader of a file
     try:
         forges = host.encode(["a probe on a black background"])
     finally:

@@ -65,6 +65,20 @@ def model_family(engine) -> tuple[str, str]:
     return ARCHITECTURE[type(engine)], prediction
 
 
+def text_engines(engine) -> list:
+    """Forge's text processing engines, in the order of an embedding file's vectors."""
+    if isinstance(engine, StableDiffusionXL):
+        return [engine.text_processing_engine_l, engine.text_processing_engine_g]
+    return [engine.text_processing_engine]
+
+
+def load_embedding(engine, path: Path) -> None:
+    """Load a textual-inversion file into ``engine``'s embedding databases, as Forge does with
+    its embeddings folder when it loads a model (it does not rescan the folder later)."""
+    for text in text_engines(engine):
+        text.embeddings.load_from_file(str(path), path.name)
+
+
 class ForgeDenoiser(SigmaDenoiser):
     def __init__(self, engine, name: str = "Forge model", sha256: str | None = None):
         architecture, prediction = model_family(engine)
@@ -124,7 +138,7 @@ class ForgeDenoiser(SigmaDenoiser):
             self.engine.get_learned_conditioning([""])  # loads the encoder; its first call casts its tables to fp32
             tables = [
                 (text.text_encoder.transformer.get_input_embeddings(), single_token_id(text.tokenizer, word))
-                for text in self._text_engines()
+                for text in text_engines(self.engine)
             ]
             # Forge declares get_learned_conditioning under inference mode: its undecorated function
             encode = partial(type(self.engine).get_learned_conditioning.__wrapped__, self.engine)
@@ -139,20 +153,8 @@ class ForgeDenoiser(SigmaDenoiser):
                 engine.tokenizer(text, add_special_tokens=False)["input_ids"],
                 text,
             ).float()
-            for engine in self._text_engines()
+            for engine in text_engines(self.engine)
         ]
-
-    def load_embedding(self, path: Path) -> None:
-        """Load a textual-inversion file into the model's embedding databases, as Forge does with
-        its embeddings folder when it loads a model (it does not rescan the folder later)."""
-        for engine in self._text_engines():
-            engine.embeddings.load_from_file(str(path), path.name)
-
-    def _text_engines(self) -> list:
-        """Forge's text processing engines, in the order of an embedding file's vectors."""
-        if isinstance(self.engine, StableDiffusionXL):
-            return [self.engine.text_processing_engine_l, self.engine.text_processing_engine_g]
-        return [self.engine.text_processing_engine]
 
     def _predict(self, x_t, t, cond, weights):
         if not torch.is_grad_enabled():
