@@ -13,6 +13,7 @@ if str(EXTENSION) not in sys.path:
 import torch  # noqa: E402
 from modules import script_callbacks, sd_models, shared  # noqa: E402  (provided by A1111 / Forge)
 from modules.call_queue import queue_lock  # noqa: E402
+from modules.processing import StableDiffusionProcessing, StableDiffusionProcessingTxt2Img  # noqa: E402
 
 from erase_engine.denoiser import Denoiser  # noqa: E402
 from erase_engine.frontends.web import Host, build_ui  # noqa: E402
@@ -33,6 +34,19 @@ def unmerge_loras(sd_model) -> None:
             if getattr(module, "network_current_names", ()):
                 networks.network_restore_weights_from_backup(module)
                 module.network_current_names = ()
+
+
+# The hosts' caches of the last prompts' conditioning (class attributes each new generation takes)
+PROMPT_CACHES = {
+    StableDiffusionProcessing: ("cached_c", "cached_uc"),
+    StableDiffusionProcessingTxt2Img: ("cached_hr_c", "cached_hr_uc"),
+}
+
+
+def forget_cached_prompts() -> None:
+    for owner, names in PROMPT_CACHES.items():
+        for name in names:
+            setattr(owner, name, [None] * len(getattr(owner, name)))
 
 
 class A1111Host(Host):
@@ -95,7 +109,10 @@ class A1111Host(Host):
 
                 # (the model loaded now: a checkpoint switch since the erasure made a new one)
                 load_embedding(shared.sd_model, path)
-            return  # A1111 rescans its embeddings folder before each generation
+            # (A1111 rescans its embeddings folder before each generation.)  Both keep the last
+            # prompts' conditioning by their text: the word would read as before its embedding.
+            forget_cached_prompts()
+            return
         if kind == "checkpoint":
             if FORGE and denoiser.schedule.prediction_type == "v_prediction":
                 from erase_engine.hosts.forge import write_v_prediction_config

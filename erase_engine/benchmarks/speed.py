@@ -54,10 +54,13 @@ def esd_style_seconds_per_step(denoiser: Denoiser, config: EraseConfig, steps: i
     """Seconds per step of the ESD-style loop, and the mean number of sampler steps it ran."""
     student = copy.copy(denoiser)
     student.network = student.unet = copy.deepcopy(denoiser.unet)  # ESD's second copy, trained in place
-    trained = [layer.module.weight for layer in student.unet_layers() if is_trainable(layer.ldm_name, config.train)]
-    for weight in trained:
-        weight.requires_grad_(True)
-    optimizer = torch.optim.Adam(trained, lr=config.lr or ESD_LR)
+    # by name, because a pass autograd records sees the network's other weights as frozen aliases
+    trained = {
+        layer.weight_name: layer.module.weight.requires_grad_(True)
+        for layer in student.unet_layers()
+        if is_trainable(layer.ldm_name, config.train)
+    }
+    optimizer = torch.optim.Adam(trained.values(), lr=config.lr or ESD_LR)
     cond = denoiser.encode(["", config.erase[0]]).detached().to(denoiser.device)
     uncond, erase = cond[0], cond[1]
     shape = denoiser.latent_shape(config.resolution)
@@ -76,7 +79,7 @@ def esd_style_seconds_per_step(denoiser: Denoiser, config: EraseConfig, steps: i
         with torch.no_grad():
             teacher = denoiser.output(torch.cat([x_t, x_t]), t.repeat(2), Conditioning.cat([uncond, erase]))
         target = erase_target(teacher[0:1], teacher[1:2], 1.0, None)
-        loss = torch.nn.functional.mse_loss(student.output(x_t, t, erase).float(), target.float())
+        loss = torch.nn.functional.mse_loss(student._predict(x_t, t, erase, trained).float(), target.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
