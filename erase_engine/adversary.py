@@ -21,6 +21,10 @@ PLACEHOLDER = "sks"
 # Each step changes every vector by about this fraction of the concept's own embedding's RMS.
 RELATIVE_STEP = 2e-2
 BATCH = 4  # cached states per step
+# Sentences a robust erasure also asks its adversary's word in, besides the erased prompt's own:
+# an attacker puts the word in sentences, and a word learned (and erased) alone does not carry
+# over to them (docs/method.md, section 11).
+CARRIERS = ("a {}", "a picture of a {}", "an image of a {}")
 
 
 def placeholders(tokens: int) -> str:

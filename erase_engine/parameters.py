@@ -12,7 +12,7 @@ import math
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .adversary import check_no_placeholder, placeholders
+from .adversary import CARRIERS, check_no_placeholder, placeholders
 from .layers import TRAINABLE_SETS
 from .objective import PRESETS, Objective, make_objective
 
@@ -353,11 +353,16 @@ class EraseConfig:
         concepts = len(self.erase)
         return round(ONE_CONCEPT_MAX_STEPS * concepts / math.sqrt(min(concepts, MOST_PAIRS_PER_STEP)))
 
-    def adversarial_prompts(self, tokens: int) -> dict[str, tuple[str, str]]:
-        """For a robust erasure: each erased prompt -> (its concept, the same sentence with the
-        adversary's ``tokens`` placeholders in the concept's place)."""
+    def adversarial_prompts(self, tokens: int) -> dict[str, tuple[str, list[str]]]:
+        """For a robust erasure: each erased prompt -> (its concept, the sentences that ask for it
+        with the adversary's ``tokens`` placeholders in the concept's place: first the prompt's
+        own, then the ``CARRIERS``)."""
+        word = placeholders(tokens)
         return {
-            context.replace("{}", erase): (erase, context.replace("{}", placeholders(tokens)))
+            context.replace("{}", erase): (
+                erase,
+                list(dict.fromkeys(c.replace("{}", word) for c in (context, *CARRIERS))),
+            )
             for erase in self.erase
             for context in self.contexts
         }

@@ -369,7 +369,7 @@ def student_outputs(
     if draw.erase:  # (a rank's share of a small batch may hold no erased prompt)
         rows["erase"] = (Conditioning.cat([cond[p] for p in draw.erase]), draw.x, draw.t)
         if adversaries is not None:
-            rows["adversary"] = (Conditioning.cat([adversaries.cond[p] for p in draw.erase]), draw.x, draw.t)
+            rows["adversary"] = (adversaries.conditions(draw.erase), draw.x, draw.t)
         if objective.lambda_u:
             rows["uncond"] = (cond[""].repeat(len(draw.x)), draw.x, draw.t)
     if draw.preserve:
@@ -388,14 +388,20 @@ class Adversaries:
 
     def __init__(self, denoiser: Denoiser, config: EraseConfig):
         self.denoiser = denoiser
-        prompts = config.adversarial_prompts(ADVERSARY_TOKENS)  # erased prompt -> (concept, with the word)
+        # erased prompt -> (concept, the sentences asking for it with the word: its own first)
+        self.asked = config.adversarial_prompts(ADVERSARY_TOKENS)
         try:
             self.by_concept = {e: Adversary(denoiser, e, ADVERSARY_TOKENS) for e in config.erase}
         except NotImplementedError as error:
             raise ValueError(f"robust erasure is not available here yet: {error}; set robust to off") from None
-        # per concept, its (erased prompt, the same with the word) pairs
-        self.pairs = {e: [(p, asked) for p, (c, asked) in prompts.items() if c == e] for e in config.erase}
-        self.cond: dict[str, Conditioning] = {}
+        # per concept, its (erased prompt, a sentence with the word) pairs
+        self.pairs = {
+            e: [(p, asked) for p, (c, sentences) in self.asked.items() if c == e for asked in sentences]
+            for e in config.erase
+        }
+        self.choose = random.Random(config.seed)  # which sentence a training row asks in
+        self.sentences: dict[str, list[Conditioning]] = {}  # erased prompt -> each sentence's conditioning
+        self.cond: dict[str, Conditioning] = {}  # erased prompt -> its own sentence's (the score's)
         self._update_conditions()
 
     def attack(self, deltas: WeightDeltas, cache: TrajectoryCache, pick: random.Random, generator) -> None:
@@ -405,7 +411,12 @@ class Adversaries:
                 adversary.step(self.denoiser, deltas, cache, self.pairs[concept], pick, generator)
         self._update_conditions()
 
+    def conditions(self, erased: list[str]) -> Conditioning:
+        """The erased prompts asked through the word, each in one of its sentences drawn at random."""
+        return Conditioning.cat([self.choose.choice(self.sentences[p]) for p in erased])
+
     def _update_conditions(self) -> None:
-        for concept, adversary in self.by_concept.items():
-            for erased, asked in self.pairs[concept]:
-                self.cond[erased] = adversary.condition(self.denoiser, [asked])
+        for erased, (concept, sentences) in self.asked.items():
+            encoded = self.by_concept[concept].condition(self.denoiser, sentences)
+            self.sentences[erased] = [encoded[i] for i in range(len(sentences))]
+            self.cond[erased] = self.sentences[erased][0]

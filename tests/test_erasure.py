@@ -79,21 +79,32 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
 def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(tiny_model_dirs, monkeypatch):
     """robust on (docs/method.md, section 11): before the first step the adversary has attacked
     the (still untouched) model; the erase term then averages the paper's error over each drawn
-    state asked with the concept and asked with the adversary's word, to the same target."""
+    state asked with the concept and asked with the adversary's word, to the same target, the
+    word standing in the prompt's own sentence or in one of the carrier sentences."""
     from erase_engine import load_denoiser, trainer
-    from erase_engine.adversary import PLACEHOLDER
+    from erase_engine.adversary import CARRIERS, PLACEHOLDER
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
-    draws, made = record_draws(monkeypatch), []
+    draws, made, asked_in = record_draws(monkeypatch), [], []
 
     class Recorded(trainer.Adversaries):
         def __init__(self, *args):
             super().__init__(*args)
             made.append(self)
 
+        def conditions(self, erased):
+            conditions = super().conditions(erased)
+            # which sentence each row was asked in: the one whose conditioning it holds
+            for row, prompt in enumerate(erased):
+                found = [
+                    i for i, c in enumerate(self.sentences[prompt]) if torch.equal(c.context, conditions[row].context)
+                ]
+                asked_in.append(self.asked[prompt][1][found[0]])
+            return conditions
+
     monkeypatch.setattr(trainer, "Adversaries", Recorded)
     config = EraseConfig(erase=["a cat"], robust="on", contexts=["{}", "a photo of {}"], steps=1, trajectories=2,
-                         sampler_steps=4)  # fmt: skip
+                         sampler_steps=4, seed=3)  # fmt: skip
     erasure = erase_concept(denoiser, config)
     draw, adversary = draws[0], made[0].by_concept["a cat"]
     start = denoiser.word_vectors("a cat")[0].mean(dim=0, keepdim=True)
@@ -103,12 +114,14 @@ def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(t
         x_t, t = draw.x[row : row + 1], draw.t[row : row + 1]
         e_uncond, e_cat = raw_unet(denoiser, x_t, t, ""), raw_unet(denoiser, x_t, t, erased)
         target = e_uncond - 1.0 * (e_cat - e_uncond)
-        asked = erased.replace("a cat", PLACEHOLDER)
+        asked = asked_in[row]
+        assert asked in [erased.replace("a cat", PLACEHOLDER), *(c.format(PLACEHOLDER) for c in CARRIERS)]
         with torch.no_grad():
             cond = denoiser.encode_with_embedding([asked], PLACEHOLDER, adversary.vectors)
             e_adv = denoiser.unet(x_t, t, encoder_hidden_states=cond.context).sample
         errors += [(e_cat - target) ** 2, (e_adv - target) ** 2]
     assert erasure.losses[0]["erase"] == pytest.approx(float(torch.cat(errors).mean()), rel=1e-4)
+    assert {c.format(PLACEHOLDER) for c in CARRIERS} & set(asked_in)  # (the seed draws a carrier)
 
 
 def test_keep_layout_keeps_the_prediction_at_the_top_noise_levels_only():
