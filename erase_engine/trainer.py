@@ -6,7 +6,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -109,6 +109,7 @@ class Draw:
     preserve_t: torch.Tensor  # [P]
     teacher_preserve: torch.Tensor | None  # [P, C, H, W]
     batch: tuple[int, int]  # (E, P) of the whole step's batch (its pieces, on every rank, together)
+    asked: list[int] = field(default_factory=list)  # [E] robust: which sentence each row asks the word in
 
     def pieces(self, ranks: Ranks, most_rows: int) -> list[Draw]:
         """This rank's rows of the batch (all of them on one rank), in pieces of at most
@@ -130,6 +131,7 @@ class Draw:
             self.preserve_t[preserve],
             self.teacher_preserve[preserve] if self.teacher_preserve is not None else None,
             self.batch,
+            [self.asked[i] for i in erase] if self.asked else [],
         )
 
 
@@ -192,6 +194,8 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         if adversaries is not None and step % ADVERSARY_EVERY == 0:
             adversaries.attack(deltas, cache, pick, generator)
         draw = draw_states(cache, config, preserve, pick, generator)
+        if adversaries is not None:  # (drawn for the whole batch: every rank draws the same)
+            draw.asked = adversaries.choose_sentences(draw.erase)
         optimizer.zero_grad(set_to_none=True)
         pieces = [
             backward_piece(denoiser, deltas, objective, piece, cond, adversaries)
@@ -369,7 +373,7 @@ def student_outputs(
     if draw.erase:  # (a rank's share of a small batch may hold no erased prompt)
         rows["erase"] = (Conditioning.cat([cond[p] for p in draw.erase]), draw.x, draw.t)
         if adversaries is not None:
-            rows["adversary"] = (adversaries.conditions(draw.erase), draw.x, draw.t)
+            rows["adversary"] = (adversaries.conditions(draw.erase, draw.asked), draw.x, draw.t)
         if objective.lambda_u:
             rows["uncond"] = (cond[""].repeat(len(draw.x)), draw.x, draw.t)
     if draw.preserve:
@@ -399,7 +403,7 @@ class Adversaries:
             e: [(p, asked) for p, (c, sentences) in self.asked.items() if c == e for asked in sentences]
             for e in config.erase
         }
-        self.choose = random.Random(config.seed)  # which sentence a training row asks in
+        self.choose = random.Random(config.seed)  # draws the sentence a training row asks in
         self.sentences: dict[str, list[Conditioning]] = {}  # erased prompt -> each sentence's conditioning
         self.cond: dict[str, Conditioning] = {}  # erased prompt -> its own sentence's (the score's)
         self._update_conditions()
@@ -411,9 +415,13 @@ class Adversaries:
                 adversary.step(self.denoiser, deltas, cache, self.pairs[concept], pick, generator)
         self._update_conditions()
 
-    def conditions(self, erased: list[str]) -> Conditioning:
-        """The erased prompts asked through the word, each in one of its sentences drawn at random."""
-        return Conditioning.cat([self.choose.choice(self.sentences[p]) for p in erased])
+    def choose_sentences(self, erased: list[str]) -> list[int]:
+        """For each erased prompt, which of its sentences a training row asks the word in (at random)."""
+        return [self.choose.randrange(len(self.sentences[p])) for p in erased]
+
+    def conditions(self, erased: list[str], asked: list[int]) -> Conditioning:
+        """The erased prompts asked through the word, each in its ``asked`` sentence."""
+        return Conditioning.cat([self.sentences[p][k] for p, k in zip(erased, asked, strict=True)])
 
     def _update_conditions(self) -> None:
         for erased, (concept, sentences) in self.asked.items():

@@ -92,15 +92,9 @@ def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(t
             super().__init__(*args)
             made.append(self)
 
-        def conditions(self, erased):
-            conditions = super().conditions(erased)
-            # which sentence each row was asked in: the one whose conditioning it holds
-            for row, prompt in enumerate(erased):
-                found = [
-                    i for i, c in enumerate(self.sentences[prompt]) if torch.equal(c.context, conditions[row].context)
-                ]
-                asked_in.append(self.asked[prompt][1][found[0]])
-            return conditions
+        def conditions(self, erased, asked):
+            asked_in.extend(self.asked[prompt][1][k] for prompt, k in zip(erased, asked, strict=True))
+            return super().conditions(erased, asked)
 
     monkeypatch.setattr(trainer, "Adversaries", Recorded)
     config = EraseConfig(erase=["a cat"], robust="on", contexts=["{}", "a photo of {}"], steps=1, trajectories=2,

@@ -33,11 +33,15 @@ def run(*command: str) -> str:
     return done.stdout
 
 
-def test_two_processes_write_the_one_process_lora(sd1, tmp_path):
+@pytest.mark.parametrize("robust", ["off", "on"])
+def test_two_processes_write_the_one_process_lora(sd1, tmp_path, robust):
+    """(robust: every rank runs the same attack and draws the sentence each row of the whole
+    batch asks the adversary's word in, so its rows are those of one process)"""
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    alone = run(sys.executable, "-m", "erase_engine", "--model", str(sd1), *RUN, "--out", str(one))
+    given = [*RUN, "--robust", robust]
+    alone = run(sys.executable, "-m", "erase_engine", "--model", str(sd1), *given, "--out", str(one))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    shared = run(*torchrun, "-m", "erase_engine", "--model", str(sd1), *RUN, "--out", str(two))
+    shared = run(*torchrun, "-m", "erase_engine", "--model", str(sd1), *given, "--out", str(two))
     # the same steps, the same reason to stop and the same held-out score (its prompts split too)
     assert shared.splitlines()[0] == alone.splitlines()[0] and "held-out score" in alone
     single, parallel = load_file(one), load_file(two)
@@ -57,9 +61,10 @@ def test_each_row_belongs_to_exactly_one_rank(size, count):
     assert [i for s in shares for i in s] == list(range(count))  # contiguous, in order
 
 
-def test_a_batch_run_in_pieces_trains_the_same_deltas(sd1, monkeypatch):
+@pytest.mark.parametrize("robust", ["off", "on"])
+def test_a_batch_run_in_pieces_trains_the_same_deltas(sd1, monkeypatch, robust):
     """A step's rows split into pieces of one row of each kind (their gradients added) train
-    what the whole batch in one call trains."""
+    what the whole batch in one call trains (robust: the adversary's rows too)."""
     from erase_engine import EraseConfig, erase_concept, load_denoiser, trainer
 
     denoiser = load_denoiser(sd1)
@@ -71,6 +76,7 @@ def test_a_batch_run_in_pieces_trains_the_same_deltas(sd1, monkeypatch):
         trajectories=2,
         sampler_steps=3,
         lr=1e-3,
+        robust=robust,
     )
     whole = erase_concept(denoiser, config)
     calls = []
