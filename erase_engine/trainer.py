@@ -187,8 +187,11 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     optimizer = torch.optim.AdamW(deltas.parameter_groups(config.lr, RELATIVE_STEP), weight_decay=0.0)
 
     most, every = config.most_steps, check_every(config)
-    asked_through = adversaries.cond if adversaries is not None else None  # updated in place by each attack
-    losses, scores = [], [(0, probe.score(deltas, asked_through))]
+
+    def score() -> Score:
+        return probe.score(deltas, adversaries.in_own_sentences() if adversaries is not None else None)
+
+    losses, scores = [], [(0, score())]
     for step in range(most):
         stop_if_asked("training", step, most)
         if adversaries is not None and step % ADVERSARY_EVERY == 0:
@@ -210,7 +213,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         optimizer.step()
         done = step + 1
         if done % every == 0 or done == most:
-            scores.append((done, probe.score(deltas, asked_through)))
+            scores.append((done, score()))
         report("training", done, most, losses[-1], scores[-1][1])
         checked = scores[-1][0] == done
         if config.steps is None and checked and ranks.agree(erased(scores[-1][1], config.stop_at)):
@@ -405,7 +408,6 @@ class Adversaries:
         }
         self.choose = random.Random(config.seed)  # draws the sentence a training row asks in
         self.sentences: dict[str, list[Conditioning]] = {}  # erased prompt -> each sentence's conditioning
-        self.cond: dict[str, Conditioning] = {}  # erased prompt -> its own sentence's (the score's)
         self._update_conditions()
 
     def attack(self, deltas: WeightDeltas, cache: TrajectoryCache, pick: random.Random, generator) -> None:
@@ -423,8 +425,14 @@ class Adversaries:
         """The erased prompts asked through the word, each in its ``asked`` sentence."""
         return Conditioning.cat([self.sentences[p][k] for p, k in zip(erased, asked, strict=True)])
 
+    def in_own_sentences(self) -> dict[str, Conditioning]:
+        """Each erased prompt asked through the word in its own sentence (what the score asks)."""
+        return {erased: sentences[0] for erased, sentences in self.sentences.items()}
+
     def _update_conditions(self) -> None:
-        for erased, (concept, sentences) in self.asked.items():
-            encoded = self.by_concept[concept].condition(self.denoiser, sentences)
-            self.sentences[erased] = [encoded[i] for i in range(len(sentences))]
-            self.cond[erased] = self.sentences[erased][0]
+        by_concept = {}  # each distinct sentence encoded once (a concept's prompts share the carriers)
+        for concept, adversary in self.by_concept.items():
+            sentences = list(dict.fromkeys(asked for _, asked in self.pairs[concept]))
+            encoded = adversary.condition(self.denoiser, sentences)
+            by_concept[concept] = {sentence: encoded[i] for i, sentence in enumerate(sentences)}
+        self.sentences = {p: [by_concept[c][s] for s in sentences] for p, (c, sentences) in self.asked.items()}
