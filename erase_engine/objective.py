@@ -4,7 +4,7 @@ Classifier-free guidance splits a prediction into an unconditional score and a
 guidance term ``g(x, c) = e(x, c) - e(x, 0)``.  The surgery rewrites only the
 guidance of the erased concept and pins the rest:
 
-    target     = e*(x, 0) + g*(x, c_a) - eta * g*(x, c_e)
+    target     = e*(x, 0) + g*(x, c_a) - eta * g*(x, c_e)     (in a context: from its base, section 9)
     L_erase    = || e(x, c_e) - target ||^2
     L_uncond   = || e(x, 0) - e*(x, 0) ||^2
     L_preserve = mean_p || e(x_p, p) - e*(x_p, p) ||^2
@@ -31,14 +31,15 @@ class Objective:
 
     def target(
         self,
-        uncond: torch.Tensor,
+        base: torch.Tensor,
         erase: torch.Tensor,
         t: torch.Tensor,
         num_timesteps: int,
         alternative: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The erased prompt's target at timesteps ``t`` (one per row), from the frozen model's outputs."""
-        target = erase_target(uncond, erase, self.eta, alternative)
+        """The erased prompt's target at timesteps ``t`` (one per row), from the frozen model's
+        outputs; ``base``: the empty prompt's, or in a context the sentence's without the concept."""
+        target = erase_target(base, erase, self.eta, alternative)
         if not self.keep_layout:
             return target
         forming = t.to(erase.device).float() >= (1 - self.keep_layout) * num_timesteps
@@ -70,12 +71,13 @@ def make_objective(
 
 
 def erase_target(
-    uncond: torch.Tensor, erase: torch.Tensor, eta: float, alternative: torch.Tensor | None = None
+    base: torch.Tensor, erase: torch.Tensor, eta: float, alternative: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``e*(x,0) + g*(x,c_a) - eta g*(x,c_e)`` from the frozen model's outputs."""
-    target = uncond - eta * (erase - uncond)
+    """``e*(x,b) + g*(x,c_a) - eta g*(x,c_e)`` from the frozen model's outputs, each guidance
+    taken from the base ``b`` (the empty prompt, or the context without the concept)."""
+    target = base - eta * (erase - base)
     if alternative is not None:
-        target = target + (alternative - uncond)
+        target = target + (alternative - base)
     return target
 
 

@@ -104,6 +104,11 @@ def coefficient(label: str, help: str) -> Field:
     return parameter(label, help, -1.0, 0.0, 100.0, 0.05, unset=-1.0, unset_means="the method's preset", advanced=True)
 
 
+def without_concept(context: str) -> str:
+    """A context with its concept's place taken out: "a {} on a white background" -> "a on a white background"."""
+    return " ".join(context.replace("{}", " ").split())
+
+
 def checked_contexts(contexts: list[str]) -> list[str]:
     """Sentence templates, stripped, each once, ``{}`` where the concept goes (none: the concept alone)."""
     kept = list(dict.fromkeys(c.strip() for c in contexts if c.strip())) or ["{}"]
@@ -332,6 +337,11 @@ class EraseConfig:
             for erase, into in self.pairs()
             for context in self.contexts
         ]
+
+    def context_bases(self) -> dict[str, str]:
+        """Each erased prompt -> its context with the concept taken out ("" for the concept alone): the
+        prompt whose prediction the surgery keeps, removing only the concept's guidance (docs/method.md, section 9)."""
+        return {c.replace("{}", erase): without_concept(c) for erase in self.erase for c in self.contexts}
 
     def prompt_concepts(self) -> list[str]:
         """The erased concept of each of ``prompt_pairs``."""

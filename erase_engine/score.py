@@ -13,7 +13,7 @@ few states of each (spread over the noise levels) are the held-out states.  With
 ``remaining`` is 1 before training and 0 when the erased prompt has moved all the way to its
 target (``distance`` also counts what the trained layers cannot reach); the drifts are 0
 before training and measure a change relative to the size of the erased concept's guidance
-(the change the erasure is meant to make).
+(the change the erasure is meant to make; in a context, taken from the sentence without the concept).
 """
 
 from __future__ import annotations
@@ -88,22 +88,26 @@ class ScoreProbe:
         cond: dict[str, Conditioning],
         concepts: list[str] | None = None,
         ranks: Ranks | None = None,
+        bases: dict[str, str] | None = None,
     ):
-        """``concepts``: the erased concept of each pair (default: the pair's erased prompt).
+        """``concepts``: the erased concept of each pair (default: the pair's erased prompt);
+        ``bases``: each erased prompt's context without the concept (default: "", the empty prompt).
         With several ``ranks`` each computes the student's outputs for its share of the prompts,
         and every rank gets the same score."""
         self.denoiser, self.cond, self.ranks = denoiser, cond, ranks or Ranks()
         self.concept_rows: dict[str, list[int]] = {}  # the held-out rows of each concept
         self.erase_states, self.preserve_states = [], {}  # (prompt, x, t) the student is asked at
-        targets, teacher_erase, teacher_uncond, self.teacher_preserve = [], [], [], {}
+        targets, teacher_erase, teacher_uncond, teacher_base, self.teacher_preserve = [], [], [], [], {}
         rows = 0
         for (erase, into), concept in zip(pairs, concepts or [erase for erase, _ in pairs], strict=True):
             x, t, outputs = held_out.states(erase, LEVELS)
             self.concept_rows.setdefault(concept, []).extend(range(rows, rows + len(x)))
             rows += len(x)
+            base = (bases or {}).get(erase, "")
+            teacher_base.append(self._output(base, x, t) if base else outputs[:, 0])
             alternative = self._output(into, x, t) if into else None
             targets.append(
-                objective.target(outputs[:, 0], outputs[:, 1], t, denoiser.schedule.num_timesteps, alternative)
+                objective.target(teacher_base[-1], outputs[:, 1], t, denoiser.schedule.num_timesteps, alternative)
             )
             teacher_uncond.append(outputs[:, 0])
             teacher_erase.append(outputs[:, 1])
@@ -116,7 +120,7 @@ class ScoreProbe:
         self.target, self.teacher_uncond = torch.cat(targets), torch.cat(teacher_uncond)
         self.teacher_erase = torch.cat(teacher_erase)
         self.untouched = _energy(self.teacher_erase - self.target)  # || d ||^2
-        self.guidance = _energy(self.teacher_erase - self.teacher_uncond)  # || g*(x, c_e) ||^2
+        self.guidance = _energy(self.teacher_erase - torch.cat(teacher_base))  # || g*(x, c_e) ||^2 (from its base)
         self.guidance_per_state = self.guidance / len(self.teacher_erase)
 
     def score(self, deltas: WeightDeltas, adversary: dict[str, Conditioning] | None = None) -> Score:

@@ -100,6 +100,7 @@ class Draw:
 
     erase: list[str]  # [E] erased prompts (concepts in contexts)
     into: list[str]  # [E] their alternatives ("" for none)
+    base: list[str]  # [E] their contexts without the concept ("" for the concept alone)
     x: torch.Tensor  # [E, C, H, W]
     t: torch.Tensor  # [E]
     teacher_uncond: torch.Tensor  # [E, C, H, W]
@@ -122,6 +123,7 @@ class Draw:
         return Draw(
             [self.erase[i] for i in erase],
             [self.into[i] for i in erase],
+            [self.base[i] for i in erase],
             self.x[erase],
             self.t[erase],
             self.teacher_uncond[erase],
@@ -176,7 +178,9 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
     stop_if_asked("sampling the trajectory cache", 0, config.sampler_steps)
     cache, held_out = sample_cache(denoiser, config, preserve, generator, sampler_step, ranks)
     pairs, concepts = config.prompt_pairs(), config.prompt_concepts()
-    probe = ScoreProbe(denoiser, objective, held_out, pairs, preserve, cond, concepts, ranks)
+    probe = ScoreProbe(
+        denoiser, objective, held_out, pairs, preserve, cond, concepts, ranks, bases=config.context_bases()
+    )
     sampled = time.perf_counter()
 
     # The deltas and their optimizer (the host's weights stay frozen and untouched).
@@ -285,7 +289,8 @@ def why_stopped(config: EraseConfig, score: Score) -> str:
 def encode_prompts(denoiser: Denoiser, config: EraseConfig) -> dict[str, Conditioning]:
     """Every prompt's text conditioning, once (cloned: a host may have made it under inference mode)."""
     erased, alternatives = zip(*config.prompt_pairs(), strict=True)
-    prompts = list(dict.fromkeys(["", *erased, *(a for a in alternatives if a), *config.preserve]))
+    bases = [b for b in config.context_bases().values() if b]
+    prompts = list(dict.fromkeys(["", *erased, *(a for a in alternatives if a), *bases, *config.preserve]))
     with torch.no_grad():
         encoded = denoiser.encode(prompts).detached().to(denoiser.device)
     cond = {p: encoded[i] for i, p in enumerate(prompts)}
@@ -327,7 +332,7 @@ def draw_states(
 ) -> Draw:
     """``config.pairs_per_step`` random (erased, alternative) prompt pairs, each at a random
     cached state of its own, and each preserve prompt at one of its own."""
-    pairs = config.prompt_pairs()
+    pairs, bases = config.prompt_pairs(), config.context_bases()
     chosen = pick.sample(pairs, config.pairs_per_step)
     erased = [cache.draw(erase, generator) for erase, _ in chosen]
     draws = [cache.draw(p, generator) for p in preserve]
@@ -335,6 +340,7 @@ def draw_states(
     return Draw(
         [erase for erase, _ in chosen],
         [into for _, into in chosen],
+        [bases[erase] for erase, _ in chosen],
         torch.cat([x for x, _, _ in erased]),
         torch.cat([t for _, t, _ in erased]),
         teacher_uncond=outputs[:, 0],
@@ -348,17 +354,25 @@ def draw_states(
 
 
 def teacher_target(denoiser: Denoiser, objective: Objective, draw: Draw, cond: dict[str, Conditioning]) -> torch.Tensor:
-    """The erased prompts' targets; only the alternatives' outputs are not in the cache (a row
-    without one takes the empty prompt's, which adds no guidance)."""
-    alternative = draw.teacher_uncond.clone()
-    rows = [i for i, into in enumerate(draw.into) if into]
+    """The erased prompts' targets.  The cache holds the empty prompt's and the erased prompt's
+    outputs; a context's base (the sentence without the concept) and an alternative are computed
+    (a row without an alternative takes its base's, which adds no guidance)."""
+    base = teacher_outputs(denoiser, draw, draw.base, cond, draw.teacher_uncond)
+    alternative = teacher_outputs(denoiser, draw, draw.into, cond, base)
+    return objective.target(base, draw.teacher_erase, draw.t, denoiser.schedule.num_timesteps, alternative)
+
+
+@torch.no_grad()
+def teacher_outputs(
+    denoiser: Denoiser, draw: Draw, prompts: list[str], cond: dict[str, Conditioning], otherwise: torch.Tensor
+) -> torch.Tensor:
+    """The frozen model's outputs for one prompt per row, at the rows' states (``otherwise``'s row where it is "")."""
+    outputs = otherwise.clone()
+    rows = [i for i, prompt in enumerate(prompts) if prompt]
     if rows:
-        with torch.no_grad():
-            into = Conditioning.cat([cond[draw.into[i]] for i in rows])
-            alternative[rows] = denoiser.output(draw.x[rows], draw.t[rows], into)
-    return objective.target(
-        draw.teacher_uncond, draw.teacher_erase, draw.t, denoiser.schedule.num_timesteps, alternative
-    )
+        asked = Conditioning.cat([cond[prompts[i]] for i in rows])
+        outputs[rows] = denoiser.output(draw.x[rows], draw.t[rows], asked)
+    return outputs
 
 
 def student_outputs(

@@ -58,13 +58,16 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
     squared_errors = []
     for row, (erased, alternative) in enumerate(zip(draw.erase, draw.into, strict=True)):
         x_t, t = draw.x[row : row + 1], draw.t[row : row + 1]
-        e_uncond, e_cat = raw_unet(denoiser, x_t, t, ""), raw_unet(denoiser, x_t, t, erased)
+        # section 9: in a context, the concept's guidance is taken from the sentence without it
+        # ("a photo of"); the concept alone's base is the empty prompt (the paper's formula)
+        base = erased.removesuffix("a cat").strip()
+        e_base, e_cat = raw_unet(denoiser, x_t, t, base), raw_unet(denoiser, x_t, t, erased)
         if method == "esd":  # ESD (Gandikota et al.): e*(x,0) - eta (e*(x,c) - e*(x,0)), with eta = 1
             assert eta == 1.0
-            target = e_uncond - eta * (e_cat - e_uncond)
+            target = e_base - eta * (e_cat - e_base)
         else:  # docs/method.md, section 1: e*(x,0) + g*(x,c_a) - eta g*(x,c_e)
-            e_dog = raw_unet(denoiser, x_t, t, alternative) if into else e_uncond
-            target = e_uncond + (e_dog - e_uncond) - eta * (e_cat - e_uncond)
+            e_dog = raw_unet(denoiser, x_t, t, alternative) if into else e_base
+            target = e_base + (e_dog - e_base) - eta * (e_cat - e_base)
         if int(t) >= (1 - keep_layout) * 1000:  # section 10: the layout's noise levels keep the concept's prediction
             target = e_cat
         squared_errors.append((e_cat - target) ** 2)
@@ -106,8 +109,9 @@ def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(t
     errors = []
     for row, erased in enumerate(draw.erase):
         x_t, t = draw.x[row : row + 1], draw.t[row : row + 1]
-        e_uncond, e_cat = raw_unet(denoiser, x_t, t, ""), raw_unet(denoiser, x_t, t, erased)
-        target = e_uncond - 1.0 * (e_cat - e_uncond)
+        base = erased.removesuffix("a cat").strip()  # the sentence without the concept (section 9)
+        e_base, e_cat = raw_unet(denoiser, x_t, t, base), raw_unet(denoiser, x_t, t, erased)
+        target = e_base - 1.0 * (e_cat - e_base)
         asked = asked_in[row]
         assert asked in [erased.replace("a cat", PLACEHOLDER), *(c.format(PLACEHOLDER) for c in CARRIERS)]
         with torch.no_grad():

@@ -16,7 +16,7 @@ def held_out(tiny_model_dirs):
     from erase_engine import load_denoiser
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
-    prompts = ["a cat", "a car"]
+    prompts = ["a cat", "a photo of a cat", "a car"]
     shape = denoiser.latent_shape(None)
     cache = TrajectoryCache.sample(denoiser, prompts, 2, 4, 3.0, shape, torch.Generator().manual_seed(0))
     return denoiser, cache
@@ -30,38 +30,42 @@ def random_lora(denoiser) -> WeightDeltas:
     return deltas
 
 
-@pytest.mark.parametrize("into", ["", "a dog"])
-def test_the_score_is_the_formula_written_out_state_by_state(held_out, into):
+@pytest.mark.parametrize("into, context", [("", "{}"), ("a dog", "{}"), ("a dog", "a photo of {}")])
+def test_the_score_is_the_formula_written_out_state_by_state(held_out, into, context):
     """remaining, distance and the drifts of docs/method.md section 7, computed here one
-    held-out state at a time from the model's own outputs."""
+    held-out state at a time from the model's own outputs; in a context, the concept's guidance
+    is taken from the sentence without it (section 9)."""
     denoiser, cache = held_out
-    config = EraseConfig(erase=["a cat"], into=[into] if into else [], preserve=["a car"])
+    config = EraseConfig(erase=["a cat"], into=[into] if into else [], preserve=["a car"], contexts=[context])
     objective = make_objective("surgical")
     deltas = random_lora(denoiser)
-    probe = ScoreProbe(denoiser, objective, cache, config.pairs(), ["a car"], encode_prompts(denoiser, config))
+    cond = encode_prompts(denoiser, config)
+    pairs = config.prompt_pairs()
+    probe = ScoreProbe(denoiser, objective, cache, pairs, ["a car"], cond, bases=config.context_bases())
+    erased, base = context.replace("{}", "a cat"), context.replace("{}", "").strip()
     # a robust erasure's adversary asks the concept another way: here, with other words
-    score = probe.score(deltas, adversary={"a cat": denoiser.encode(["a photo of a dog"])})
+    score = probe.score(deltas, adversary={erased: denoiser.encode(["a photo of a dog"])})
 
     def out(prompt, x, t, with_deltas=False):
         with torch.no_grad():
             return denoiser.output(x[None], t[None], denoiser.encode([prompt]), deltas if with_deltas else None)[0]
 
-    steps = cache.latents["a cat"].shape[1]
+    steps = cache.latents[erased].shape[1]
     levels = torch.linspace(0, steps - 1, min(LEVELS, steps)).round().long().unique()
     far = untouched = along = uncond = guidance = preserve = adversary = 0.0
-    for k in range(cache.latents["a cat"].shape[0]):
+    for k in range(cache.latents[erased].shape[0]):
         for s in levels.tolist():
-            x, t = cache.latents["a cat"][k, s], cache.timesteps[s]
-            e_0, e_c = out("", x, t), out("a cat", x, t)
-            g_a = out(into, x, t) - e_0 if into else 0.0
-            target = e_0 + g_a - objective.eta * (e_c - e_0)
-            student = out("a cat", x, t, True)
+            x, t = cache.latents[erased][k, s], cache.timesteps[s]
+            e_0, e_b, e_c = out("", x, t), out(base, x, t), out(erased, x, t)
+            g_a = out(context.replace("{}", into), x, t) - e_b if into else 0.0
+            target = e_b + g_a - objective.eta * (e_c - e_b)
+            student = out(erased, x, t, True)
             far += float(((student - target) ** 2).sum())
             untouched += float(((e_c - target) ** 2).sum())
             along += float(((student - e_c) * (target - e_c)).sum())
             adversary += float(((out("a photo of a dog", x, t, True) - e_c) * (target - e_c)).sum())
             uncond += float(((out("", x, t, True) - e_0) ** 2).sum())
-            guidance += float(((e_c - e_0) ** 2).sum())
+            guidance += float(((e_c - e_b) ** 2).sum())
             x_p = cache.latents["a car"][k, s]
             preserve += float(((out("a car", x_p, t, True) - out("a car", x_p, t)) ** 2).sum())
     assert score.distance == pytest.approx((far / untouched) ** 0.5, rel=1e-3)

@@ -27,11 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m erase_engine.benchmarks.context_study", description=__doc__)
     parser.add_argument("--erase", required=True, help="a shape or a color of the built-in model")
     parser.add_argument("--contexts", nargs="+", default=["{}"], help="templates, {} where the concept goes")
+    parser.add_argument("--steps", type=int, help="a fixed number of training steps (default: auto)")
     parser.add_argument("--samples", type=int, default=72)
     args = parser.parse_args(argv)
     denoiser, judge = load_denoiser(BUILTIN_MODEL), load_judge()
     concept = Concept.parse(args.erase)
-    config = EraseConfig(erase=[args.erase], contexts=args.contexts, preserve=default_preserve(args.erase))
+    config = EraseConfig(
+        erase=[args.erase], contexts=args.contexts, preserve=default_preserve(args.erase), steps=args.steps
+    )
     erasure = erase_concept(denoiser, config)
     metrics, images = judge_erasure(judge, erasure, concept, None, args.samples, SAMPLE_SEED)
     prompts = prompt_groups(concept, args.samples)[0].prompts  # the sentences behind images["erase_after"]
