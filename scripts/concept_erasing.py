@@ -126,6 +126,10 @@ class A1111Host(Host):
             return
         networks.list_available_networks()  # usable as <lora:name:1> at once
 
+    def on_model_loaded(self, callback) -> None:
+        # every load: A1111's switch to a checkpoint of the same architecture, Forge's new engine
+        script_callbacks.on_model_loaded(lambda sd_model: callback())
+
 
 def on_ui_tabs():
     return [(build_ui(A1111Host()), "Concept Erasing", "concept_erasing")]

@@ -108,7 +108,7 @@ def test_bad_input_is_reported_in_the_page(app, page):
     assert "non-empty concept" in status(page)
 
 
-def quick_erasure(session, folder) -> None:
+def quick_erasure(session, folder, want_lora: bool = False) -> None:
     """A two-step erasure of "star" on the built-in model through the Start button's handler."""
     from erase_engine.frontends.web import FORM
     from erase_engine.parameters import PARAMETERS
@@ -122,11 +122,12 @@ def quick_erasure(session, folder) -> None:
         "trajectories": 1,
         "sampler_steps": 2,
         "name": "p",
-        "want_lora": False,
+        "want_lora": want_lora,
         "want_checkpoint": False,
     }
     updates = list(session.erase(*(form[name] for name in FORM)))
-    assert updates[-1][0].startswith("Done") and updates[-1][1] is not None and list(folder.iterdir()) == []
+    assert updates[-1][0].startswith("Done") and updates[-1][1] is not None, updates[-1][0]
+    assert len(list(folder.iterdir())) == want_lora  # the LoRA asked for, or nothing
 
 
 def test_purify_section_uses_the_last_erasure(tmp_path):
@@ -172,3 +173,53 @@ def test_attack_section_attacks_the_last_erasure_saves_the_embedding_and_stops_c
 
     status = list(session.attack("", 3, 1, "two words", str(tmp_path)))[-1][0]
     assert status.startswith("**Error") and "one word" in status, status
+
+
+def test_results_are_saved_inside_the_job_and_a_model_load_retires_the_last_erasure(tmp_path):
+    """Without a browser, on a host that records its calls: the LoRA is saved (and the host told)
+    between the job's begin and end, while the host's queue is held, so no checkpoint switch can
+    change the weights being written. When the host then loads a model (A1111 loads the new
+    weights into the same model object), the attack and purification refuse the last erasure
+    instead of running it on other weights, and the session lets the erasure go."""
+    pytest.importorskip("gradio")
+    import gc
+    import weakref
+
+    from PIL import Image
+
+    from erase_engine.frontends.web import Session, StandaloneHost
+
+    class RecordingHost(StandaloneHost):
+        calls: list[str] = []
+
+        def begin(self, total):
+            self.calls.append("begin")
+
+        def end(self):
+            self.calls.append("end")
+
+        def saved(self, kind, path, denoiser):
+            self.calls.append(f"saved {kind}")
+
+        def on_model_loaded(self, callback):
+            self.model_loaded = callback
+
+    host = RecordingHost(folder=str(tmp_path))
+    session = Session(host)
+    (tmp_path / "loras").mkdir()
+    quick_erasure(session, tmp_path / "loras", want_lora=True)
+    assert host.calls == ["begin", "saved lora", "end"]
+
+    erasure = weakref.ref(session.last)
+    host.model_loaded()
+    gc.collect()
+    assert erasure() is None  # nothing in the session holds the old model's erasure
+    status = list(session.attack("", 3, 1, "probe", str(tmp_path)))[-1][0]
+    assert status.startswith("The host loaded another model"), status
+    image = Image.new("RGB", (40, 24), "red")
+    assert session.purify(image, "a red star", 2, 0.5)[1].startswith("The host loaded another model")
+    assert not (tmp_path / "probe.safetensors").exists()
+
+    (tmp_path / "none").mkdir()
+    quick_erasure(session, tmp_path / "none")  # an erasure on the loaded model: both work again
+    assert session.purify(image, "a red star", 2, 0.5)[1] == "Purified."

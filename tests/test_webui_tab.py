@@ -6,7 +6,8 @@ model, save a LoRA and a checkpoint, and check through the host's own API that
 - the LoRA and the checkpoint are listed at once, with no refresh or restart;
 - ``<lora:name:1>`` and the saved checkpoint render the same erased picture;
 - the host's Interrupt stops an erasure with nothing written;
-- the attack section attacks the erasure and its embedding's word works in the next prompt.
+- the attack section attacks the erasure and its embedding's word works in the next prompt;
+- after a checkpoint switch the attack refuses the erasure made on the other checkpoint.
 
 Needs ``A1111_DIR`` and/or ``FORGE_DIR`` (checkouts with their ``repositories/``;
 README, "Developing"); ``A1111_PYTHON`` / ``FORGE_PYTHON`` are their interpreters.
@@ -205,6 +206,14 @@ def attack_the_erasure_and_use_the_word(webui, tab) -> None:
     else:  # A1111 rescans its embeddings folder before a generation and lists what it loaded
         loaded = [line for line in log.splitlines() if line.startswith("Textual inversion embeddings loaded")]
         assert loaded and "catback" in loaded[-1]
+
+    # A checkpoint switch (A1111 loads the new weights into the same model) retires the erasure:
+    # the attack asks for a new one instead of running on the other checkpoint's weights.
+    webui.txt2img("a photo of a cat", checkpoint="no-cat.safetensors")
+    fill_text(tab, "attack_name", "after-switch")  # the section is still open
+    tab.click("#ce_attack")
+    wait_for_status(tab, "loaded another model", 120, "ce_attack_status")
+    assert not (webui.base / "embeddings/after-switch.safetensors").exists()
 
 
 def test_the_hosts_interrupt_stops_the_erasure_and_writes_nothing(webui, tab):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +66,16 @@ class Host:
     def saved(self, kind: str, path: Path, denoiser: Denoiser) -> None:
         """A LoRA, checkpoint or embedding of ``denoiser``'s model was written: refresh the host's lists."""
 
+    def on_model_loaded(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever the host loads a model (another checkpoint, or the same one
+        anew): the model an earlier erasure was made on may be gone, or hold other weights."""
+
 
 STOPPING = "Stopping after the current step..."
+
+
+class SaveFailed(Exception):
+    """Writing a result failed; says what, if anything, was written."""
 
 
 @dataclass
@@ -102,6 +109,8 @@ class Job:
             self.text = STOPPING
         elif where.phase == "sampling":
             self.text = f"sampling the trajectory cache ({where.step}/{where.total})"
+        elif where.phase == "saving":
+            self.text = "saving and drawing the grid..."
         else:
             self.text = f"step {where.step}/{where.total}, loss {where.losses['loss']:.4g}"
             if where.score is not None:
@@ -119,7 +128,25 @@ class Session:
         self.host = host
         self.job: Job | None = None
         self.last: Erasure | None = None
+        self.model_changed = False  # the host loaded a model since the last erasure
         self.lock = threading.Lock()
+        host.on_model_loaded(self.forget_last)
+
+    def forget_last(self) -> None:
+        """The host loaded a model: the last erasure's model may be gone (Forge) or hold the new
+        checkpoint's weights (A1111 loads them into the same model), so neither the attack nor
+        purification may use it, and letting it go frees the old model's memory.  (Called on the
+        host's thread, possibly while ``start`` holds the lock: it takes none.)"""
+        if self.last is not None:
+            self.last, self.model_changed = None, True
+        if self.job is not None and self.job.done.is_set():
+            self.job = None  # its result holds the old model too
+
+    def no_erasure(self, then: str) -> str:
+        """Why the attack or purification has no erasure to work on."""
+        if self.model_changed:
+            return f"The host loaded another model since the last erasure: run an erasure on it first, then {then}."
+        return f"Run an erasure first, then {then}."
 
     def start(self, make_job: Callable[[], Job]) -> Job:
         """Make a job (loading the model) and run it, unless one is running (one at a time)."""
@@ -151,8 +178,20 @@ class Session:
 
             def erasure_job() -> Job:
                 denoiser = self.host.denoiser(model)
-                return Job(partial(erase_concept, denoiser, config), config.most_steps, self.host)
 
+                def work(progress: ProgressFn, should_stop: Callable[[], bool]) -> tuple:
+                    erasure = erase_concept(denoiser, config, progress, should_stop)
+                    # saved and drawn inside the job, which holds the host's queue: no generation
+                    # or checkpoint switch changes the model's weights meanwhile
+                    progress(Progress("saving", 0, 1, {}))
+                    written = self.write(erasure, outputs)
+                    before, after = before_after_images(erasure, prompts, seeds)
+                    return erasure, written, grid_image(prompts, before, after, seeds)
+
+                return Job(work, config.most_steps, self.host)
+
+            prompts = list(dict.fromkeys(config.erase + config.preserve[:3]))
+            seeds = [config.seed, config.seed + 1]
             job = self.start(erasure_job)
         except (ValueError, FileNotFoundError, KeyError) as error:
             yield f"**Error:** {error}", None, None, None
@@ -162,34 +201,28 @@ class Session:
         if job.error is not None:
             yield f"**{job.error}**", None, None, None
             return
-        erasure = job.result
-        plot = training_plot(erasure)
-        yield "Saving and drawing the before/after grid...", None, plot, None
-        try:
-            written = self.write(erasure, outputs)
-        except OSError as error:
-            yield f"**Could not save:** {error}. Nothing was written.", None, plot, None
-            return
-        self.last = erasure
-        prompts = list(dict.fromkeys(config.erase + config.preserve[:3]))
-        seeds = [config.seed, config.seed + 1]
-        before, after = before_after_images(erasure, prompts, seeds)
+        erasure, written, grid = job.result
+        self.last, self.model_changed = erasure, False
         summary = ", ".join(f"{kind} `{path}`" for kind, path in written.items()) or "nothing saved"
         files = [str(p) for p in written.values()] or None
         done = f"Done in {erasure.seconds['total']:.0f} s, {erasure.scores[-1][0]} steps ({erasure.stopped})"
         yield (
             f"{done}; held-out score: {erasure.score.summary()}. Saved: {summary}.",
-            grid_image(prompts, before, after, seeds),
-            plot,
+            grid,
+            training_plot(erasure),
             files,
         )
 
     def write(self, erasure: Erasure, outputs: dict[str, Path]) -> dict[str, Path]:
         written = {}
-        if "lora" in outputs:
-            written["lora"] = save_lora(erasure, outputs["lora"], svd_rank=16, if_exists="number")
-        if "checkpoint" in outputs:
-            written["checkpoint"] = save_checkpoint(erasure, outputs["checkpoint"], if_exists="number")
+        try:
+            if "lora" in outputs:
+                written["lora"] = save_lora(erasure, outputs["lora"], svd_rank=16, if_exists="number")
+            if "checkpoint" in outputs:
+                written["checkpoint"] = save_checkpoint(erasure, outputs["checkpoint"], if_exists="number")
+        except OSError as error:
+            kept = ", ".join(f"`{path}`" for path in written.values()) or "nothing"
+            raise SaveFailed(f"could not save: {error}; written: {kept}") from error
         for kind, path in written.items():
             self.host.saved(kind, path, erasure.denoiser)
         return written
@@ -199,13 +232,24 @@ class Session:
         brings the last erasure's concept back, saves it into the embeddings folder."""
         erasure = self.last
         if erasure is None:
-            yield "Run an erasure first: the attack is made against the last one.", None, None
+            yield self.no_erasure("attack it: the attack is made against the last one"), None, None
             return
         try:
             config = AttackConfig.against(erasure.config, concept, steps=int(steps), tokens=int(tokens))
             path = embedding_file_path(self.host.embeddings_folder(folder), name)
             denoiser, deltas = erasure.denoiser, erasure.deltas
-            job = self.start(lambda: Job(partial(learn_attack, denoiser, deltas, config), config.steps, self.host))
+
+            def work(progress: ProgressFn, should_stop: Callable[[], bool]) -> tuple:
+                attack = learn_attack(denoiser, deltas, config, progress, should_stop)
+                progress(Progress("saving", 0, 1, {}))  # inside the job, as an erasure's (``erase``)
+                try:
+                    saved = save_embedding(attack, denoiser, path, if_exists="number")
+                except OSError as error:
+                    raise SaveFailed(f"could not save: {error}; nothing was written") from error
+                self.host.saved("embedding", saved, denoiser)
+                return attack, saved, attack_grid(denoiser, deltas, attack, [config.seed, config.seed + 1])
+
+            job = self.start(lambda: Job(work, config.steps, self.host))
         except (ValueError, FileNotFoundError) as error:
             yield f"**Error:** {error}", None, None
             return
@@ -214,15 +258,7 @@ class Session:
         if job.error is not None:
             yield f"**{job.error}**", None, None
             return
-        attack = job.result
-        yield "Saving and drawing original / erased / erased + attack...", None, None
-        try:
-            path = save_embedding(attack, denoiser, path, if_exists="number")
-        except OSError as error:
-            yield f"**Could not save:** {error}. Nothing was written.", None, None
-            return
-        self.host.saved("embedding", path, denoiser)
-        grid = attack_grid(denoiser, deltas, attack, [config.seed, config.seed + 1])
+        attack, path, grid = job.result
         yield (
             f"Done in {attack.seconds:.0f} s: the embedding recovered {attack.recovered:.2f} of the concept "
             f"(0: no closer than its own words; 1: fully back). Saved `{path}`; in a prompt: `{path.stem}`.",
@@ -238,11 +274,22 @@ class Session:
             self.job.text = STOPPING
 
     def purify(self, image, prompt, steps, strength):
-        if image is None or self.last is None:
-            return None, "Run an erasure first, then give an image."
         erasure = self.last
+        if image is None or erasure is None:
+            return None, self.no_erasure("give an image") if erasure is None else "Give an image first."
         size = erasure.config.resolution  # the size it was trained at (None: the model's)
-        picture = purify_picture(erasure.denoiser, image, prompt, erasure.deltas, int(steps), float(strength), size)
+
+        def work(progress: ProgressFn, should_stop: Callable[[], bool]):
+            return purify_picture(erasure.denoiser, image, prompt, erasure.deltas, int(steps), float(strength), size)
+
+        try:  # a job, as an erasure: one at a time, holding the host's queue
+            job = self.start(lambda: Job(work, int(steps), self.host, text="purifying..."))
+        except ValueError as error:
+            return None, f"**Error:** {error}"
+        job.done.wait()
+        if job.error is not None:
+            return None, f"**{job.error}**"
+        picture = job.result
         return picture, "Purified."
 
 
