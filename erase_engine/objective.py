@@ -25,8 +25,8 @@ class Objective:
     lambda_u: float
     lambda_p: float
     allows_alternative: bool = True
-    # The top fraction of the noise levels (where the layout forms) at which the erased prompt
-    # keeps the frozen model's prediction; the guidance is rewritten below it (section 10).
+    # The top fraction of the noise levels (where the layout forms) at which the erased concept's
+    # guidance is removed rather than reversed (eta 0 there; section 10).
     keep_layout: float = 0.0
 
     def target(
@@ -43,7 +43,8 @@ class Objective:
         if not self.keep_layout:
             return target
         forming = t.to(erase.device).float() >= (1 - self.keep_layout) * num_timesteps
-        return torch.where(forming.view(-1, *[1] * (erase.ndim - 1)), erase, target)
+        removed = erase_target(base, erase, 0.0, alternative)  # drawn as the base (or the alternative) would be
+        return torch.where(forming.view(-1, *[1] * (erase.ndim - 1)), removed, target)
 
 
 PRESETS = {

@@ -261,8 +261,9 @@ class EraseConfig:
     )
     keep_layout: float = parameter(
         "Keep layout",
-        "The top fraction of noise levels (where an image's layout forms) at which the concept keeps its original "
-        "prediction: 0.4 keeps an erased object's place and size; a color or style also forms there and then stays.",
+        "The top fraction of noise levels (where an image's layout forms) at which the concept's guidance is "
+        "removed rather than reversed: 0.4 keeps more of an erased object's place and size; a color or style also "
+        "forms there and is then erased less.",
         0.0,
         0.0,
         0.9,

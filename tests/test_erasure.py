@@ -68,8 +68,8 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
         else:  # docs/method.md, section 1: e*(x,0) + g*(x,c_a) - eta g*(x,c_e)
             e_dog = raw_unet(denoiser, x_t, t, alternative) if into else e_base
             target = e_base + (e_dog - e_base) - eta * (e_cat - e_base)
-        if int(t) >= (1 - keep_layout) * 1000:  # section 10: the layout's noise levels keep the concept's prediction
-            target = e_cat
+        if int(t) >= (1 - keep_layout) * 1000:  # section 10: at the layout's noise levels the guidance is removed
+            target = e_base + (e_dog - e_base)
         squared_errors.append((e_cat - target) ** 2)
     if keep_layout:  # the states drawn (t 999 and 749 here) fall on both sides of the threshold
         assert len({int(t) >= (1 - keep_layout) * 1000 for t in draw.t}) == 2
@@ -122,14 +122,21 @@ def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(t
     assert {c.format(PLACEHOLDER) for c in CARRIERS} & set(asked_in)  # (the seed draws a carrier)
 
 
-def test_keep_layout_keeps_the_prediction_at_the_top_noise_levels_only():
-    uncond, erase, alternative = torch.zeros(4, 2, 3, 3), torch.ones(4, 2, 3, 3), torch.full((4, 2, 3, 3), 5.0)
+def test_keep_layout_removes_the_guidance_at_the_top_noise_levels_and_reverses_it_below():
+    base, erase, alternative = (
+        torch.full((4, 2, 3, 3), 2.0),
+        torch.full((4, 2, 3, 3), 3.0),
+        torch.full((4, 2, 3, 3), 7.0),
+    )
     t = torch.tensor([999, 600, 599, 0])
-    target = make_objective("surgical", keep_layout=0.4).target(uncond, erase, t, 1000, alternative)
-    rewritten = 0 + (5 - 0) - 1.0 * (1 - 0)  # e*(x,0) + g*(x,c_a) - eta g*(x,c_e)
-    assert [float(row.unique()) for row in target] == [1.0, 1.0, rewritten, rewritten]
+    reversed_ = 2 + (7 - 2) - 1.0 * (3 - 2)  # e*(x,b) + g*(x,c_a) - eta g*(x,c_e)
+    removed = 2 + (7 - 2)  # e*(x,b) + g*(x,c_a): the concept's guidance gone, not pushed away
+    target = make_objective("surgical", keep_layout=0.4).target(base, erase, t, 1000, alternative)
+    assert [float(row.unique()) for row in target] == [removed, removed, reversed_, reversed_]
+    without = make_objective("surgical", keep_layout=0.4).target(base, erase, t, 1000)
+    assert [float(row.unique()) for row in without] == [2.0, 2.0, 2 - (3 - 2), 2 - (3 - 2)]
     assert torch.equal(
-        make_objective("surgical").target(uncond, erase, t, 1000, alternative), torch.full_like(erase, 4)
+        make_objective("surgical").target(base, erase, t, 1000, alternative), torch.full_like(erase, reversed_)
     )
 
 
