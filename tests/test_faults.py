@@ -118,15 +118,18 @@ def test_the_model_in_memory_is_unchanged_after_success_error_cancel_and_out_of_
     assert all(p.grad is None for m in modules for p in m.parameters())  # no gradient reached the host either
 
 
-def test_ctrl_c_mid_run_exits_130_and_leaves_nothing(sd1, tmp_path):
+@pytest.mark.parametrize(
+    ("bar", "longer"),
+    [("sampling", ["--sampler-steps", "1000", "--trajectories", "64"]), ("erasing", ["--steps", "100000"])],
+)
+def test_ctrl_c_mid_run_exits_130_and_leaves_nothing(sd1, tmp_path, bar, longer):
     out = tmp_path / "out.safetensors"
-    args = erase_args(sd1, out)
-    args[args.index("--steps") + 1] = "100000"
+    args = erase_args(sd1, out, *longer)  # the phase under test made long enough to be interrupted
     process = subprocess.Popen(
         [sys.executable, "-m", "erase_engine", *map(str, args)], stderr=subprocess.PIPE, text=True
     )
     progress = ""
-    while "erasing" not in progress:  # tqdm's bar appears once the model is loaded
+    while bar not in progress:  # tqdm's bar for the phase appears once it has started
         char = process.stderr.read(1)
         assert char, f"the CLI ended early: {progress}"
         progress += char
@@ -135,3 +138,4 @@ def test_ctrl_c_mid_run_exits_130_and_leaves_nothing(sd1, tmp_path):
     err = progress + process.communicate(timeout=120)[1]
     assert process.returncode == 130 and "interrupted; nothing was saved" in err, err
     assert "Traceback" not in err and leftovers(tmp_path) == []
+    assert bar == "erasing" or "erasing" not in err  # stopped in the cache, before any training step

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,6 +146,30 @@ class PhaseBars:
         self.close()
 
 
+@contextmanager
+def ctrl_c_stops_at_the_next_step(ranks_size: int = 1) -> Iterator[Callable[[], bool] | None]:
+    """While a run goes, Ctrl-C asks it to stop at its next step (the engine's ``should_stop``)
+    instead of raising KeyboardInterrupt wherever the main thread is: raised inside a
+    destructor or a callback, the exception is printed and ignored, and the run goes on. A
+    second Ctrl-C raises at once. Under torchrun the launcher stops the ranks (a rank that
+    stopped on its own would leave the others waiting in a collective), so nothing is caught."""
+    if ranks_size > 1:
+        yield None
+        return
+    asked = []
+
+    def ask(signum, frame) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def erase_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="erase-concept",
@@ -190,8 +217,8 @@ def erase_main(argv: list[str]) -> int:
     config = config_from_args(args)
     ranks, device = start_from_environment(args.device)  # under torchrun: one rank of a data-parallel run
     denoiser = load_model(args.model, device, args.prediction_type)
-    with PhaseBars() as bars:
-        erasure = erase_concept(denoiser, config, progress=bars if ranks.is_main else None)
+    with PhaseBars() as bars, ctrl_c_stops_at_the_next_step(ranks.size) as should_stop:
+        erasure = erase_concept(denoiser, config, progress=bars if ranks.is_main else None, should_stop=should_stop)
     if not ranks.is_main:
         return 0  # every rank holds the same deltas; the first one writes them
     outputs, if_exists = {}, "replace" if args.overwrite else "refuse"
@@ -322,8 +349,8 @@ def attack_main(argv: list[str]) -> int:
 
     config = AttackConfig(args.concept, args.contexts, args.tokens, args.steps, args.seed)
     denoiser, deltas = load_erased(args.model, args.lora, args.device)
-    with PhaseBars() as progress:
-        attack = learn_attack(denoiser, deltas, config, progress=progress)
+    with PhaseBars() as progress, ctrl_c_stops_at_the_next_step() as should_stop:
+        attack = learn_attack(denoiser, deltas, config, progress=progress, should_stop=should_stop)
     judged = judge_builtin_attack(args.model, denoiser, deltas, attack)
     path = save_embedding(attack, denoiser, args.out, "replace" if args.overwrite else "refuse")
     if args.report is not None:
@@ -422,7 +449,7 @@ EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input (nothing done), 1 the run failed, 130 interrupted.
     In every failure case no output file is left behind and no traceback is shown."""
-    from ..trainer import ErasureFailed
+    from ..trainer import ErasureCancelled, ErasureFailed
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = COMMANDS.get(argv[0], None) if argv else None
@@ -434,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"failed: {error}", EXIT_FAILED)
     except OSError as error:  # disk full, permissions
         return fail(f"could not write: {error}; nothing was saved", EXIT_FAILED)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ErasureCancelled):  # Ctrl-C: raised, or the run stopped at its next step
         return fail("interrupted; nothing was saved", EXIT_INTERRUPTED)
 
 
