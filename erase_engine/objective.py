@@ -39,12 +39,11 @@ class Objective:
     ) -> torch.Tensor:
         """The erased prompt's target at timesteps ``t`` (one per row), from the frozen model's
         outputs; ``base``: the empty prompt's, or in a context the sentence's without the concept."""
-        target = erase_target(base, erase, self.eta, alternative)
         if not self.keep_layout:
-            return target
+            return erase_target(base, erase, self.eta, alternative)
         forming = t.to(erase.device).float() >= (1 - self.keep_layout) * num_timesteps
-        removed = erase_target(base, erase, 0.0, alternative)  # drawn as the base (or the alternative) would be
-        return torch.where(forming.view(-1, *[1] * (erase.ndim - 1)), removed, target)
+        eta = torch.where(forming, 0.0, self.eta).to(erase.dtype)  # 0: drawn as the base (or alternative) would be
+        return erase_target(base, erase, eta.view(-1, *[1] * (erase.ndim - 1)), alternative)
 
 
 PRESETS = {
@@ -72,10 +71,11 @@ def make_objective(
 
 
 def erase_target(
-    base: torch.Tensor, erase: torch.Tensor, eta: float, alternative: torch.Tensor | None = None
+    base: torch.Tensor, erase: torch.Tensor, eta: float | torch.Tensor, alternative: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``e*(x,b) + g*(x,c_a) - eta g*(x,c_e)`` from the frozen model's outputs, each guidance
-    taken from the base ``b`` (the empty prompt, or the context without the concept)."""
+    taken from the base ``b`` (the empty prompt, or the context without the concept); ``eta``
+    a number, or one per row broadcast against the outputs."""
     target = base - eta * (erase - base)
     if alternative is not None:
         target = target + (alternative - base)
