@@ -25,6 +25,10 @@ OUT_OF_MEMORY_HINT = (
 # With the automatic learning rate, each step changes every trained weight by about this
 # fraction of its RMS (docs/method.md, section 8; chosen on the built-in benchmark).
 RELATIVE_STEP = 1e-2
+# That step was measured on stacks of up to this many trained layers (SD1.5's cross-attention;
+# the built-in model's is 16). Each layer adds its own change to the output, so a deeper stack
+# gets a step smaller by sqrt(DEEPEST_MEASURED / layers): the whole moves as far as that depth.
+DEEPEST_MEASURED = 64
 CHECK_EVERY = 20  # training steps between two held-out scores
 # Rows of each kind (erased, preserve) in one student call: a longer batch runs in pieces whose
 # gradients add up (the same step, in less memory).
@@ -188,7 +192,9 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
         torch.manual_seed(config.seed)
         deltas = WeightDeltas.create(denoiser.unet_layers(), config.train, config.lora_rank, config.lora_alpha)
     deltas.to(denoiser.device)
-    optimizer = torch.optim.AdamW(deltas.parameter_groups(config.lr, RELATIVE_STEP), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        deltas.parameter_groups(config.lr, relative_step(len(deltas.layers))), weight_decay=0.0
+    )
 
     most, every = config.most_steps, check_every(config)
 
@@ -259,6 +265,12 @@ def backward_piece(
     if terms.total.requires_grad:  # (not on a rank whose share held no row)
         terms.total.backward()
     return terms.as_floats()
+
+
+def relative_step(layers: int) -> float:
+    """The automatic learning rate's step for each of ``layers`` trained layers, relative to its
+    weights' RMS: ``RELATIVE_STEP``, smaller for a stack deeper than ``DEEPEST_MEASURED``."""
+    return RELATIVE_STEP * math.sqrt(DEEPEST_MEASURED / max(layers, DEEPEST_MEASURED))
 
 
 def check_every(config: EraseConfig) -> int:

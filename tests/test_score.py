@@ -219,3 +219,28 @@ def test_the_automatic_learning_rate_moves_every_layer_by_the_same_fraction(tiny
     else:
         assert 0.3 < float(ratios.median()) < 3.0
     assert float(ratios.max() / ratios.min()) < (1.5 if rank is None else 10.0)  # no layer far off the others
+
+
+@pytest.mark.parametrize("deepest_measured", [10_000, 8])
+def test_a_stack_deeper_than_measured_moves_each_layer_less(tiny_model_dirs, monkeypatch, deepest_measured):
+    """One training step of the real loop at the automatic rate, full-rank deltas (they start at
+    zero, so after a step they are its change): each layer moves by RELATIVE_STEP of its weights'
+    RMS while the stack is no deeper than DEEPEST_MEASURED, and by sqrt(DEEPEST_MEASURED / layers)
+    of that in a deeper one, so that the whole stack moves as far as one of the measured depth."""
+    from erase_engine import load_denoiser, trainer
+
+    monkeypatch.setattr(trainer, "DEEPEST_MEASURED", deepest_measured)
+    denoiser = load_denoiser(tiny_model_dirs["sd1"])
+    config = EraseConfig(erase=["a cat"], train="full", lora_rank=None, steps=1, trajectories=1, sampler_steps=2)
+    deltas = erase_concept(denoiser, config).deltas
+    layers = len(deltas.layers)
+    assert layers > 8
+    ratios = torch.tensor(
+        [
+            float(deltas.delta(key).pow(2).mean().sqrt() / layer.module.weight.float().pow(2).mean().sqrt())
+            for key, layer in deltas.layers.items()
+            if deltas.delta(key).abs().max() > 0
+        ]
+    )
+    expected = RELATIVE_STEP * min(1.0, (deepest_measured / layers) ** 0.5)
+    assert float(ratios.median()) == pytest.approx(expected, rel=0.05)
