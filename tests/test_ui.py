@@ -190,7 +190,9 @@ def test_results_are_saved_inside_the_job_and_a_model_load_retires_the_last_eras
     from erase_engine.frontends.web import Session, StandaloneHost
 
     class RecordingHost(StandaloneHost):
-        calls: list[str] = []
+        def __init__(self, folder: str):
+            super().__init__(folder=folder)
+            self.calls: list[str] = []
 
         def begin(self, total):
             self.calls.append("begin")
