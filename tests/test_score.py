@@ -187,6 +187,11 @@ def test_a_list_longer_than_a_step_holds_is_checked_less_often(tiny_model_dirs, 
     assert [steps for steps, _ in erase_concept(denoiser, config).scores] == [0, 2 * CHECK_EVERY, 45]
 
 
+def relative_change(change: torch.Tensor, weight: torch.Tensor) -> float:
+    """A weight's change, as the RMS of the change over the RMS of the weight."""
+    return float(change.float().pow(2).mean().sqrt() / weight.float().pow(2).mean().sqrt())
+
+
 @pytest.mark.parametrize("rank", [None, 2])
 def test_the_automatic_learning_rate_moves_every_layer_by_the_same_fraction(tiny_model_dirs, rank):
     """One AdamW step (its first moves each entry by its learning rate) on every layer with a
@@ -209,9 +214,8 @@ def test_the_automatic_learning_rate_moves_every_layer_by_the_same_fraction(tiny
     ratios = []
     for key, layer in deltas.layers.items():
         change = deltas.delta(key).detach() - before[key]
-        weight_rms = layer.module.weight.float().pow(2).mean().sqrt()
         if change.abs().max() > 0:
-            ratios.append(float(change.pow(2).mean().sqrt() / weight_rms / RELATIVE_STEP))
+            ratios.append(relative_change(change, layer.module.weight) / RELATIVE_STEP)
     ratios = torch.tensor(ratios)
     assert len(ratios) > 10
     if rank is None:
@@ -237,7 +241,7 @@ def test_a_stack_deeper_than_measured_moves_each_layer_less(tiny_model_dirs, mon
     assert layers > 8
     ratios = torch.tensor(
         [
-            float(deltas.delta(key).pow(2).mean().sqrt() / layer.module.weight.float().pow(2).mean().sqrt())
+            relative_change(deltas.delta(key), layer.module.weight)
             for key, layer in deltas.layers.items()
             if deltas.delta(key).abs().max() > 0
         ]
