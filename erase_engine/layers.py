@@ -9,6 +9,11 @@ from torch import nn
 
 TRAINABLE_SETS = ("xattn", "xattn-kv", "noxattn", "full")
 
+# SDXL's pooled text embedding enters the UNet beside cross-attention, through the first layer
+# of the added-conditioning MLP (sgm's ``label_emb``, diffusers' ``add_embedding``): the one
+# other layer that reads the prompt.
+POOLED_TEXT_LAYER = "label_emb.0.0"
+
 
 @dataclass(frozen=True)
 class UNetLayer:
@@ -30,14 +35,15 @@ def is_weight_layer(module: nn.Module) -> bool:
 def is_trainable(ldm_name: str, train: str) -> bool:
     """ESD's parameter groups, decided on original-layout names so every host agrees.
 
-    ``xattn`` (ESD-x): cross-attention; ``xattn-kv``: only its key/value
-    projections; ``noxattn`` (ESD-u): everything but cross-attention, the time
-    embedding and the output head; ``full``: every layer.
+    ``xattn`` (ESD-x): the layers that read the prompt, cross-attention and on SDXL the
+    pooled text embedding's projection; ``xattn-kv``: only cross-attention's key/value
+    projections (and that projection); ``noxattn`` (ESD-u): everything but cross-attention,
+    the time embedding and the output head; ``full``: every layer.
     """
     if train == "xattn":
-        return ".attn2." in ldm_name
+        return ".attn2." in ldm_name or ldm_name == POOLED_TEXT_LAYER
     if train == "xattn-kv":
-        return ldm_name.endswith((".attn2.to_k", ".attn2.to_v"))
+        return ldm_name.endswith((".attn2.to_k", ".attn2.to_v")) or ldm_name == POOLED_TEXT_LAYER
     if train == "noxattn":
         return ".attn2." not in ldm_name and not ldm_name.startswith(("time_embed.", "out."))
     if train == "full":

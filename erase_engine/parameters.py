@@ -160,7 +160,9 @@ class EraseConfig:
     )
     train: str = parameter(
         "Trainable layers",
-        "Which UNet layers change: xattn (cross-attention), xattn-kv (its key/value), noxattn, full.",
+        "Which UNet layers change: xattn (those that read the prompt: cross-attention, and on SDXL the"
+        " pooled text's projection), xattn-kv (only cross-attention's key/value, and that projection),"
+        " noxattn, full.",
         "xattn",
         choices=TRAINABLE_SETS,
     )

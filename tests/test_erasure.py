@@ -188,18 +188,15 @@ def test_base_model_is_bit_identical_after_an_erasure(tiny_denoiser, lora_rank):
         assert all(torch.equal(after[k], v) for k, v in state.items())
 
 
-# (trainable set, steps, lr, bound on the gap ratio).  In the tiny random SDXL most of a
-# prompt's guidance flows through the pooled embedding into the time embedding, which
-# cross-attention deltas cannot reach, so it trains the non-cross-attention layers.
-MOVE_SETTINGS = {"sd1": ("xattn", 60, 3e-3, 0.6), "sd2": ("xattn", 60, 3e-3, 0.6), "sdxl": ("noxattn", 150, 3e-4, 0.7)}
-
-
 def test_erasure_moves_the_concept_to_the_target_and_keeps_the_unconditional(tiny_denoiser):
-    """Checked on held-out trajectories (other seeds), against the target formula."""
-    train, steps, lr, bound = MOVE_SETTINGS[tiny_denoiser.info.architecture]
+    """Checked on held-out trajectories (other seeds), against the target formula.  In the tiny
+    random SDXL most of a prompt's guidance flows through the pooled embedding into the time
+    embedding: with cross-attention alone (no pooled text projection in ``xattn``) the gap
+    stays at 0.88."""
     config = EraseConfig(
-        erase=["a cat"], contexts=["{}"], train=train, steps=steps, lr=lr, lora_rank=8, trajectories=4, sampler_steps=10
-    )
+        erase=["a cat"], contexts=["{}"], train="xattn", steps=60, lr=3e-3, lora_rank=8,
+        trajectories=4, sampler_steps=10,
+    )  # fmt: skip
     erasure = erase_concept(tiny_denoiser, config)
     held_out = TrajectoryCache.sample(
         tiny_denoiser, ["a cat"], 4, 10, 3.0, (4, 8, 8), torch.Generator().manual_seed(123)
@@ -215,7 +212,7 @@ def test_erasure_moves_the_concept_to_the_target_and_keeps_the_unconditional(tin
     gap_ratio = float((student_cat - target).norm() / (teacher_cat - target).norm())
     uncond_drift = float((student_empty - teacher_empty).norm() / teacher_empty.norm())
     print(f"{tiny_denoiser.info.architecture}: gap after/before {gap_ratio:.3f}, uncond drift {uncond_drift:.4f}")
-    assert gap_ratio < bound
+    assert gap_ratio < 0.6
     assert uncond_drift < 0.03
 
 

@@ -5,6 +5,8 @@
 Runs one erasure at the defaults (auto steps, auto learning rate) on a full-size SD1.5- or
 SDXL-shaped model (random weights; 64 px is an 8x8 latent, what a CPU affords) and prints
 the held-out score at every check, the steps it took, why it stopped, and the seconds.
+On SDXL it also prints how much of the concept's guidance comes through the pooled text
+embedding alone, the path cross-attention cannot reach (docs/method.md, section 5).
 """
 
 from __future__ import annotations
@@ -15,9 +17,28 @@ import sys
 
 import torch
 
+from ..denoiser import Conditioning, Denoiser
 from ..parameters import EraseConfig
 from ..trainer import Progress, erase_concept
 from .speed import PROMPTS, build_model
+
+
+def pooled_guidance_share(denoiser: Denoiser, prompt: str, resolution: int) -> float:
+    """``|e(x, context of "", pooled of prompt) - e(x, "")| / |e(x, prompt) - e(x, "")|``, the mean
+    over random latents at four noise levels: the part of the prompt's guidance that enters the
+    UNet through the pooled embedding and the time embedding, not through cross-attention."""
+    both = denoiser.encode(["", prompt])
+    empty, concept = both[0], both[1]
+    pooled_only = Conditioning(empty.context, concept.extras)
+    generator, shares = torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        for timestep in (100, 300, 600, 900):
+            x = torch.randn(1, *denoiser.latent_shape(resolution), generator=generator).to(denoiser.device)
+            t = torch.tensor([timestep], device=denoiser.device)
+            unconditional = denoiser.output(x, t, empty)
+            guidance = denoiser.output(x, t, concept) - unconditional
+            shares.append(float((denoiser.output(x, t, pooled_only) - unconditional).norm() / guidance.norm()))
+    return sum(shares) / len(shares)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         sampler_steps=args.sampler_steps,
     )  # fmt: skip
     shown = []
+    pooled_share = None
+    if "text_embeds" in denoiser.encode([""]).extras:
+        pooled_share = round(pooled_guidance_share(denoiser, config.erase[0], args.resolution), 3)
+        print(f"share of the guidance through the pooled embedding alone: {pooled_share}", file=sys.stderr)
 
     def progress(where: Progress) -> None:
         if where.score is not None and where.score is not (shown[-1] if shown else None):
@@ -45,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         "shape": args.shape,
         "device": torch.cuda.get_device_name(denoiser.device) if denoiser.device.type == "cuda" else "cpu",
         "resolution": args.resolution,
+        "pooled_guidance_share": pooled_share,
         "steps_run": erasure.scores[-1][0],
         "stopped": erasure.stopped,
         "score": erasure.score.as_dict(),
