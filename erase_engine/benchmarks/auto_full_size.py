@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     shown = []
     pooled_share = None
-    if "text_embeds" in denoiser.encode([""]).extras:
+    if denoiser.info.architecture == "sdxl":  # the family with a pooled text input
         pooled_share = round(pooled_guidance_share(denoiser, config.erase[0], args.resolution), 3)
         print(f"share of the guidance through the pooled embedding alone: {pooled_share}", file=sys.stderr)
 
