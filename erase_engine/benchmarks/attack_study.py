@@ -6,6 +6,9 @@ by a stronger attack; and how the erasure holds for other ways of asking for the
     python -m erase_engine.benchmarks.attack_study --erase star heart --strong-steps 1000 --strong-tokens 4
 
 Prints a JSON row per (concept, method) as it goes, then a markdown table; ``--json`` keeps the rows.
+One attack is noisy (its draws alone can move ``attack_acc`` by 0.2); ``--attack-seeds N``
+attacks each erasure N times with different draws and reports the mean, and each run in
+``*_acc_runs``.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=72)
     parser.add_argument("--strong-steps", type=int, default=0, help="a stronger attack's steps (0: none)")
     parser.add_argument("--strong-tokens", type=int, default=4)
+    parser.add_argument("--contexts", nargs="+", default=["{}"], help="the erasures' contexts (default: the concept)")
+    parser.add_argument("--attack-seeds", type=int, default=1, help="attacks per erasure and budget (their mean)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -82,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     for erase in args.erase:
         concept = Concept.parse(erase)
         for method in args.methods:
-            config = EraseConfig(erase=[erase], preserve=default_preserve(erase), **METHODS[method])
+            config = EraseConfig(
+                erase=[erase], preserve=default_preserve(erase), contexts=args.contexts, **METHODS[method]
+            )
             row, _, erasure = bench_erasure(denoiser, judge, config, args.samples)
             keep = ("steps", "seconds", "erase_acc_after", "preserve_acc_after", "uncond_pixel_drift", "layout_kept")
             result = {"erase": erase, "method": method, **{k: row[k] for k in keep}}
@@ -90,7 +97,13 @@ def main(argv: list[str] | None = None) -> None:
             if args.strong_steps:
                 budgets["strong"] = (args.strong_steps, args.strong_tokens)
             for name, (steps, tokens) in budgets.items():
-                figures, _ = judge_attack(judge, erasure, concept, args.samples, SAMPLE_SEED, steps, tokens)
+                runs = [
+                    judge_attack(judge, erasure, concept, args.samples, SAMPLE_SEED, steps, tokens, config.seed + k)[0]
+                    for k in range(args.attack_seeds)
+                ]
+                figures = {k: round(sum(run[k] for run in runs) / len(runs), 4) for k in runs[0]}
+                if args.attack_seeds > 1:
+                    figures["attack_acc_runs"] = [run["attack_acc"] for run in runs]
                 result |= {k.replace("attack", name, 1): v for k, v in figures.items()}
             result["paraphrases"] = paraphrase_accuracy(judge, erasure, concept)
             print(json.dumps(result), flush=True)
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k not in ("erase", "method", "paraphrases")]
+    keys = [k for k in rows[0] if k not in ("erase", "method", "paraphrases") and not k.endswith("_runs")]
     lines = ["| erase | method | " + " | ".join(keys) + " |", "|" + "---|" * (2 + len(keys))]
     for row in rows:
         cells = [table_cell(row[k]) for k in keys]

@@ -153,6 +153,8 @@ def judge_erasure(
     purified = purify(denoiser, inputs, erase.prompts[:purify_samples], erasure.deltas)
     images["purify_in"], images["purify_out"] = inputs, purified.cpu()
     purified_concept = judge.classify(images["purify_out"])[head]
+    purify_removed = purified_concept != concept.index
+    purify_kept = layout_kept(judge, inputs, images["purify_out"], concept.kind)
 
     metrics = {
         "erase_acc_before": average(erase_before[head] == concept.index),
@@ -173,8 +175,11 @@ def judge_erasure(
         "preserve_acc_after": average(preserve_after == wanted),
         "preserve_pixel_drift": average((images["preserve_after"] - images["preserve_before"]).abs()),
         "uncond_pixel_drift": average((images["uncond_after"] - images["uncond_before"]).abs()),
-        "purify_removed": average(purified_concept != concept.index),
+        "purify_removed": average(purify_removed),
         "purify_layout_iou": average(mask_iou(foreground_mask(inputs), foreground_mask(images["purify_out"]))),
+        "purify_layout_kept": average(purify_kept),
+        # the same among the purified images that no longer show the concept (an unchanged one keeps it)
+        "purify_removed_layout_kept": average(purify_kept[purify_removed]) if purify_removed.any() else None,
     }
     return metrics, images
 
@@ -192,12 +197,15 @@ def judge_attack(
     seed: int,
     steps: int = ATTACK_STEPS,
     tokens: int = 1,
+    attack_seed: int | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Does it come back?  A textual-inversion attack on the erased model (``steps`` x ``tokens``),
-    trained in every sentence of the erase prompts, judged by ``attack_accuracy``."""
+    """Does it come back?  A textual-inversion attack on the erased model (``steps`` x ``tokens``,
+    its own draws from ``attack_seed``, the erasure's seed by default), trained in every sentence
+    of the erase prompts, judged by ``attack_accuracy``."""
     erase, _ = prompt_groups(concept, samples)
     contexts = list(dict.fromkeys(with_word(p, concept.name, "{}") for p in erase.prompts))
-    config = AttackConfig(concept.name, contexts, tokens, steps, seed=erasure.config.seed)
+    attack_seed = erasure.config.seed if attack_seed is None else attack_seed
+    config = AttackConfig(concept.name, contexts, tokens, steps, seed=attack_seed)
     attack = learn_attack(erasure.denoiser, erasure.deltas, config)
     metrics, images = attack_accuracy(judge, erasure.denoiser, erasure.deltas, attack, concept, samples, seed)
     metrics |= {"attack_recovered": round(attack.recovered, 4), "attack_seconds": round(attack.seconds, 1)}
@@ -326,6 +334,8 @@ TABLE_KEYS = (
     "uncond_pixel_drift",
     "purify_removed",
     "purify_layout_iou",
+    "purify_layout_kept",
+    "purify_removed_layout_kept",
     "attack_acc",
     "seconds",
 )
