@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 from safetensors import safe_open
-from support.browser import chromium, fill_text, needs_chromium, start_attack, status, wait_for_status
+from support.browser import chromium, fill_number, fill_text, needs_chromium, start_attack, status, wait_for_status
 
 pytestmark = needs_chromium
 
@@ -91,8 +91,7 @@ def test_stop_mid_run_saves_nothing(app, page):
     fill_text(page, "erase", "heart")
     fill_text(page, "name", "stopped")
     # Fixed and long: with auto steps a fast machine can finish before the click lands.
-    page.locator("#ce_steps input[type=number]").fill("5000")
-    page.locator("#ce_steps input[type=number]").press("Tab")
+    fill_number(page, "steps", 5000)
     page.click("#ce_start")
     wait_for_status(page, "step ", 120)
     page.click("#ce_stop")

@@ -49,10 +49,24 @@ def fill_text(page, name: str, text: str) -> None:
     page.locator(f"#ce_{name} textarea, #ce_{name} input").first.fill(text)
 
 
+def fill_number(page, name: str, value: int) -> None:
+    """Type ``value`` into the interface's number field ``name`` until it holds.
+
+    A field in an accordion that has just opened can receive its initial value after the
+    first fill (gradio mounts it on opening), which silently puts the default back."""
+    field = page.locator(f"#ce_{name} input[type=number]")
+    for _ in range(10):
+        field.fill(str(value))
+        field.press("Tab")
+        page.wait_for_timeout(300)
+        if field.input_value() == str(value):
+            return
+    raise AssertionError(f"the field {name} does not keep {value}: it shows {field.input_value()!r}")
+
+
 def start_attack(page, steps: int, name: str) -> None:
     """Open the attack section, set its budget and the embedding's name, and press Attack."""
     page.click("#ce_attack_section")
-    page.locator("#ce_attack_steps input[type=number]").fill(str(steps))
-    page.locator("#ce_attack_steps input[type=number]").press("Tab")
+    fill_number(page, "attack_steps", steps)
     fill_text(page, "attack_name", name)
     page.click("#ce_attack")
