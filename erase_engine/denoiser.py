@@ -115,6 +115,9 @@ class Denoiser(ABC):
     vae_scale_factor: int  # image pixels per latent pixel
     info: BaseModelInfo
     known_sha256: str | None = None  # the host's own hash of the model file, when it has one
+    # Sentences the model is known to be asked (its model card's): an erasure is trained in those
+    # that hold the concept (EraseConfig.in_model_sentences). A host's model declares none.
+    example_prompts: tuple[str, ...] = ()
 
     @property
     def device(self) -> torch.device:

@@ -9,6 +9,7 @@ model's own size; -1: the method's preset); the config holds None there.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -107,6 +108,16 @@ def coefficient(label: str, help: str) -> Field:
 def without_concept(context: str) -> str:
     """A context with its concept's place taken out: "a {} on a white background" -> "a on a white background"."""
     return " ".join(context.replace("{}", " ").split())
+
+
+def holds_word(prompt: str, word: str) -> bool:
+    """Whether ``word`` (one or more whole words, any case) occurs in ``prompt``."""
+    return re.search(rf"\b{re.escape(word)}\b", prompt, flags=re.IGNORECASE) is not None
+
+
+def with_word(prompt: str, word: str, replacement: str) -> str:
+    """``prompt`` with the first ``word`` (whole words, any case) replaced."""
+    return re.sub(rf"\b{re.escape(word)}\b", replacement, prompt, count=1, flags=re.IGNORECASE)
 
 
 def checked_contexts(contexts: list[str]) -> list[str]:
@@ -379,6 +390,27 @@ class EraseConfig:
             for erase in self.erase
             for context in self.contexts
         }
+
+    def in_model_sentences(self, sentences: tuple[str, ...]) -> EraseConfig:
+        """This config erasing and preserving in the sentences the model is known to be asked
+        (``Denoiser.example_prompts``; docs/method.md, section 9): each one that holds an erased
+        concept becomes a context (the concept's words in it replaced by ``{}``), and each one
+        that holds a preserve prompt and no erased concept is preserved as well."""
+        contexts = [with_word(s, e, "{}") for e in self.erase for s in sentences if holds_word(s, e)]
+        kept = [
+            s
+            for p in self.preserve
+            for s in sentences
+            if holds_word(s, p) and not any(holds_word(s, e) for e in self.erase)
+        ]
+        if not contexts and not kept:
+            return self
+        return replace(
+            self,
+            contexts=list(dict.fromkeys([*self.contexts, *contexts])),
+            # the user's own prompts first: past the limit, model sentences are left out, never theirs
+            preserve=list(dict.fromkeys([*self.preserve, *kept]))[:MAX_PRESERVE_PROMPTS],
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)

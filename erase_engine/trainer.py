@@ -162,6 +162,7 @@ def erase_concept(
 
 
 def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
+    config = config.in_model_sentences(denoiser.example_prompts)
     objective = config.objective()
     generator = torch.Generator().manual_seed(config.seed)
     pick = random.Random(config.seed)

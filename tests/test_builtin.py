@@ -11,7 +11,7 @@ from PIL import Image
 from erase_engine import EraseConfig
 from erase_engine.benchmarks import efficacy as bench
 from erase_engine.builtin.judge import accuracy, centroids, foreground_mask, layout_kept, mask_iou
-from erase_engine.builtin.render import SHAPES, Scenes, render, shape_masks
+from erase_engine.builtin.render import COLORS, SHAPES, Scenes, render, shape_masks
 
 
 def test_builtin_model_loads_offline_through_the_sd1_path(shapes):
@@ -79,6 +79,17 @@ def test_the_model_draws_what_it_is_asked(shapes, judge):
     print("shape", float((shape_pred == group.wanted("shape")).float().mean()))
     assert float((shape_pred == group.wanted("shape")).float().mean()) >= 0.8
     assert float((color_pred == group.wanted("color")).float().mean()) >= 0.8
+
+
+def test_the_model_cards_sentences_draw_the_color_they_name(shapes, judge):
+    """The built-in model's example prompts (the sentences an erasure of a color is trained in as
+    well) are sentences it understands: each draws the color it names."""
+    prompts = list(shapes.example_prompts)
+    named = [next(i for i, color in enumerate(COLORS) if f"a {color} shape" in p) for p in prompts]
+    assert sorted(set(named)) == list(range(len(COLORS)))  # every color, in the same number of sentences
+    assert len(prompts) == 4 * len(COLORS)  # alone and on each of the three backgrounds
+    color_pred = judge.classify(bench.sample(shapes, prompts, seed=500))[1]
+    assert float((color_pred == torch.tensor(named)).float().mean()) >= 0.9
 
 
 def test_an_erasure_at_the_defaults_removes_the_concept_and_keeps_the_others(shapes, judge):

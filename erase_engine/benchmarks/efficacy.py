@@ -10,7 +10,6 @@ attack at a fixed budget brings it back.
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from dataclasses import dataclass, field, replace
 
@@ -20,7 +19,7 @@ from ..attack import Attack, AttackConfig, learn_attack
 from ..builtin.judge import HEADS, Judge, box_iou, foreground_mask, layout_kept, mask_iou
 from ..builtin.render import BACKGROUNDS, COLORS, SHAPES, Scenes, prompt, render
 from ..denoiser import Denoiser
-from ..parameters import EraseConfig
+from ..parameters import EraseConfig, with_word
 from ..purify import purify
 from ..report import grid_image, versions_grid
 from ..sampling import generate
@@ -184,11 +183,6 @@ def judge_erasure(
     return metrics, images
 
 
-def with_word(prompt: str, word: str, replacement: str) -> str:
-    """``prompt`` with the first ``word`` (a whole word) replaced."""
-    return re.sub(rf"\b{re.escape(word)}\b", replacement, prompt, count=1)
-
-
 def judge_attack(
     judge: Judge,
     erasure: Erasure,
@@ -256,6 +250,7 @@ def bench_erasure(
         "erase": config.erase[0],
         "into": config.into[0] if config.into else None,
         "preserve": config.preserve,
+        "contexts": erasure.config.contexts,  # with the sentences the model declares (docs/method.md, section 9)
         "train": config.train,
         "lr": config.lr or "auto",
         "seconds": round(seconds, 1),

@@ -129,5 +129,14 @@ def captions(scenes: Scenes, generator: torch.Generator, drop: float = 0.1) -> l
     ]
 
 
+def example_prompts() -> tuple[str, ...]:
+    """The model card's sentences (``Denoiser.example_prompts``): each color in a short caption,
+    alone and on each background.  The model ties its colors to the words around them (its
+    background words carry colors too), so a color is erased in these sentences as well; its
+    shapes are erased in every sentence from the word alone (docs/method.md, section 9)."""
+    forms = ["a {} shape", *(f"a {{}} shape on a {background} background" for background in BACKGROUNDS)]
+    return tuple(form.format(color) for color in COLORS for form in forms)
+
+
 def prompt(shape: str, color: str, background: str) -> str:
     return f"a {color} {shape} on a {background} background"

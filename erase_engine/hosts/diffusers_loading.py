@@ -9,6 +9,7 @@ import torch
 
 from ..architectures import SUPPORTED
 from ..builtin import BUILTIN_MODEL, SHAPES_WEIGHTS
+from ..builtin.render import example_prompts
 from ..denoiser import NoiseSchedule
 from ..files import read_state_dict
 from ..ldm_layout import clip_state_for
@@ -152,4 +153,6 @@ def load_denoiser(
         raise ValueError(f"{path} is neither a diffusers folder (model_index.json) nor a .safetensors/.ckpt file")
     else:
         raise FileNotFoundError(f"no model at {path}")
+    if path == SHAPES_WEIGHTS:
+        denoiser.example_prompts = example_prompts()
     return denoiser.to(device, dtype)
