@@ -392,24 +392,19 @@ class EraseConfig:
         }
 
     def in_model_sentences(self, sentences: tuple[str, ...]) -> EraseConfig:
-        """This config erasing and preserving in the sentences the model is known to be asked
+        """This config erasing in the sentences the model is known to be asked
         (``Denoiser.example_prompts``; docs/method.md, section 9): each one that holds an erased
-        concept becomes a context (the concept's words in it replaced by ``{}``), and each one
-        that holds a preserve prompt and no erased concept is preserved as well."""
+        concept becomes a context (the concept's words in it replaced by ``{}``), and where some
+        do, the others are preserved, so that the erasure moves none of the model's other sentences."""
         contexts = [with_word(s, e, "{}") for e in self.erase for s in sentences if holds_word(s, e)]
-        kept = [
-            s
-            for p in self.preserve
-            for s in sentences
-            if holds_word(s, p) and not any(holds_word(s, e) for e in self.erase)
-        ]
-        if not contexts and not kept:
+        if not contexts:
             return self
+        others = [s for s in sentences if not any(holds_word(s, e) for e in self.erase)]
         return replace(
             self,
             contexts=list(dict.fromkeys([*self.contexts, *contexts])),
             # the user's own prompts first: past the limit, model sentences are left out, never theirs
-            preserve=list(dict.fromkeys([*self.preserve, *kept]))[:MAX_PRESERVE_PROMPTS],
+            preserve=list(dict.fromkeys([*self.preserve, *others]))[:MAX_PRESERVE_PROMPTS],
         )
 
     def as_dict(self) -> dict:

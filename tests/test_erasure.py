@@ -81,22 +81,25 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
 
 def test_an_erasure_is_trained_in_the_sentences_the_model_declares(tiny_model_dirs, monkeypatch):
     """docs/method.md, section 9: each sentence the model declares that holds the erased concept
-    becomes a context, each that holds a preserve prompt and not the concept is preserved too."""
+    becomes a context; the model's other sentences are preserved."""
     from erase_engine import load_denoiser
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
     assert denoiser.example_prompts == ()  # a host's or a user's model declares none
-    declared = ("a photo of a cat", "A cat on a sofa", "a photo of a dog", "a dog and a cat", "a car", "a caterpillar")
+    declared = ("a photo of a cat", "A cat on a sofa", "a photo of a dog", "a dog and a cat", "a caterpillar")
     monkeypatch.setattr(denoiser, "example_prompts", declared)
     draws = record_draws(monkeypatch)
     config = EraseConfig(erase=["a cat"], preserve=["a dog"], steps=1, trajectories=2, sampler_steps=2)
     erasure = erase_concept(denoiser, config)
 
     assert erasure.config.contexts == ["{}", "a photo of {}", "{} on a sofa", "a dog and {}"]
-    assert erasure.config.preserve == ["a dog", "a photo of a dog"]  # "a dog and a cat" holds the concept
+    assert erasure.config.preserve == ["a dog", "a photo of a dog", "a caterpillar"]  # a word holds "cat", not "a cat"
     assert sorted(draws[0].erase) == sorted(["a cat", "a photo of a cat", "a cat on a sofa", "a dog and a cat"])
-    assert sorted(draws[0].preserve) == ["a dog", "a photo of a dog"]
+    assert sorted(draws[0].preserve) == ["a caterpillar", "a dog", "a photo of a dog"]
     assert config.contexts == ["{}"] and config.preserve == ["a dog"]  # the caller's config is left as it was
+    # a concept the declared sentences do not hold: the erasure is the one asked for
+    unrelated = EraseConfig(erase=["a tree"], preserve=["a dog"])
+    assert unrelated.in_model_sentences(declared) is unrelated
 
 
 def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(tiny_model_dirs, monkeypatch):
