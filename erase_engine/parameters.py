@@ -110,14 +110,19 @@ def without_concept(context: str) -> str:
     return " ".join(context.replace("{}", " ").split())
 
 
+def _whole_words(word: str) -> re.Pattern:
+    """``word`` (one or more words) as whole words, in any case."""
+    return re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+
+
 def holds_word(prompt: str, word: str) -> bool:
-    """Whether ``word`` (one or more whole words, any case) occurs in ``prompt``."""
-    return re.search(rf"\b{re.escape(word)}\b", prompt, flags=re.IGNORECASE) is not None
+    """Whether ``word`` occurs in ``prompt`` as whole words (any case)."""
+    return _whole_words(word).search(prompt) is not None
 
 
 def with_word(prompt: str, word: str, replacement: str) -> str:
     """``prompt`` with the first ``word`` (whole words, any case) replaced."""
-    return re.sub(rf"\b{re.escape(word)}\b", replacement, prompt, count=1, flags=re.IGNORECASE)
+    return _whole_words(word).sub(replacement, prompt, count=1)
 
 
 def checked_contexts(contexts: list[str]) -> list[str]:

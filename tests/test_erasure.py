@@ -93,7 +93,7 @@ def test_an_erasure_is_trained_in_the_sentences_the_model_declares(tiny_model_di
     erasure = erase_concept(denoiser, config)
 
     assert erasure.config.contexts == ["{}", "a photo of {}", "{} on a sofa", "a dog and {}"]
-    assert erasure.config.preserve == ["a dog", "a photo of a dog", "a caterpillar"]  # a word holds "cat", not "a cat"
+    assert erasure.config.preserve == ["a dog", "a photo of a dog", "a caterpillar"]  # not the word "cat"
     assert sorted(draws[0].erase) == sorted(["a cat", "a photo of a cat", "a cat on a sofa", "a dog and a cat"])
     assert sorted(draws[0].preserve) == ["a caterpillar", "a dog", "a photo of a dog"]
     assert config.contexts == ["{}"] and config.preserve == ["a dog"]  # the caller's config is left as it was
