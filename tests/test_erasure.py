@@ -239,6 +239,20 @@ def test_erasure_moves_the_concept_to_the_target_and_keeps_the_unconditional(tin
     assert uncond_drift < 0.03
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_pooled_guidance_share_is_measured_in_the_models_dtype(tiny_model_dirs, dtype):
+    """The full-size benchmark's share of SDXL's guidance through the pooled embedding alone, on a
+    half-precision model, agrees with the same model's share in fp32 (its random latents once
+    stayed fp32 and a bf16 SDXL stopped with a dtype error)."""
+    from erase_engine import load_denoiser
+    from erase_engine.benchmarks.auto_full_size import pooled_guidance_share
+
+    full = pooled_guidance_share(load_denoiser(tiny_model_dirs["sdxl"]), "a cat", None)
+    half = pooled_guidance_share(load_denoiser(tiny_model_dirs["sdxl"], dtype=dtype), "a cat", None)
+    assert 0.1 < full
+    assert half == pytest.approx(full, rel=0.02)
+
+
 def test_bad_configs_are_refused_before_any_work():
     with pytest.raises(ValueError, match="erase"):
         EraseConfig(erase=[" "])

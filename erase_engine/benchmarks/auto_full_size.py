@@ -1,6 +1,7 @@
 """Auto steps and the automatic learning rate on full-size models with random weights.
 
     python -m erase_engine.benchmarks.auto_full_size --shape sd15 [--resolution 64] [--device cpu]
+        [--dtype float32|bfloat16|float16]
 
 Runs one erasure at the defaults (auto steps, auto learning rate) on a full-size SD1.5- or
 SDXL-shaped model (random weights; 64 px is an 8x8 latent, what a CPU affords) and prints
@@ -20,7 +21,7 @@ import torch
 from ..denoiser import Conditioning, Denoiser
 from ..parameters import EraseConfig
 from ..trainer import Progress, erase_concept
-from .speed import PROMPTS, build_model
+from .speed import PROMPTS, build_model, peak_memory_gib
 
 
 def pooled_guidance_share(denoiser: Denoiser, prompt: str, resolution: int) -> float:
@@ -33,7 +34,9 @@ def pooled_guidance_share(denoiser: Denoiser, prompt: str, resolution: int) -> f
     generator, shares = torch.Generator().manual_seed(0), []
     with torch.no_grad():
         for timestep in (100, 300, 600, 900):
-            x = torch.randn(1, *denoiser.latent_shape(resolution), generator=generator).to(denoiser.device)
+            x = torch.randn(1, *denoiser.latent_shape(resolution), generator=generator).to(
+                denoiser.device, denoiser.dtype
+            )
             t = torch.tensor([timestep], device=denoiser.device)
             unconditional = denoiser.output(x, t, empty)
             guidance = denoiser.output(x, t, concept) - unconditional
@@ -47,9 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=64, help="image pixels (64: an 8x8 latent)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sampler-steps", type=int, default=50, help="the trajectory sampler's steps")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    denoiser = build_model(args.shape, args.device, torch.float32)
+    denoiser = build_model(args.shape, args.device, getattr(torch, args.dtype))
     config = EraseConfig(
         erase=[PROMPTS[args.shape]], preserve=["a photo of a dog"], resolution=args.resolution,
         sampler_steps=args.sampler_steps,
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     row = {
         "shape": args.shape,
         "device": torch.cuda.get_device_name(denoiser.device) if denoiser.device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
         "resolution": args.resolution,
         "pooled_guidance_share": pooled_share,
         "steps_run": erasure.scores[-1][0],
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         "score": erasure.score.as_dict(),
         "scores": [{"step": step, **score.as_dict()} for step, score in erasure.scores],
         "seconds": {k: round(v, 1) for k, v in erasure.seconds.items()},
+        "peak_mem_gib": round(peak_memory_gib(denoiser.device), 2),
     }
     print(json.dumps(row, indent=2))
 

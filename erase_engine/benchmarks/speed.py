@@ -110,7 +110,10 @@ def run_speed_bench(shape: str, device: str, steps: int, resolution: int | None,
     config = EraseConfig(erase=[PROMPTS[shape]], steps=steps, resolution=resolution)
     forward = unet_forward_flops(denoiser, config)
 
+    # each phase is reported as it ends, so that a run cut short by a time limit still tells something
+    print(f"model built; one UNet forward {forward / 1e9:.1f} GFLOP", file=sys.stderr)
     baseline_step, mean_stop = esd_style_seconds_per_step(denoiser, config, steps)
+    print(f"ESD-style loop: {baseline_step:.4f} s per step", file=sys.stderr)
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
     warm_up = EraseConfig(erase=config.erase, steps=1, trajectories=1, sampler_steps=2, resolution=resolution)
