@@ -5,6 +5,7 @@ import sys
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -165,3 +166,36 @@ def test_compare_runs_each_method_until_the_judge_sees_the_concept_erased(monkey
     assert "star -> heart, surgical: erased: 0.00 left after 400 steps" in out
     tile = 32 * -(-128 // 32)
     assert Image.open(grid).height == 28 + 3 * tile  # original, surgical, esd
+
+
+def test_bench_without_preserve_runs_what_erase_concept_runs(monkeypatch, tmp_path):
+    """``bench --no-preserve`` measures the erasure ``erase-concept --erase X`` trains: the same
+    config, field by field (without the flag the bench preserves the other concepts)."""
+    from erase_engine import trainer
+    from erase_engine.frontends.cli import bench_main, main
+
+    configs = {}
+
+    class Stop(BaseException):  # through the CLI's own error handling
+        pass
+
+    def erase_concept(denoiser, config, **hooks):
+        configs["erase-concept"] = config
+        raise Stop
+
+    def bench_erasure(denoiser, judge, config, samples):
+        configs.setdefault("bench", []).append(config)
+        row = dict.fromkeys(bench.TABLE_KEYS, 0.5) | {"erase": config.erase[0], "into": None, "method": config.method}
+        return row, {}, None
+
+    monkeypatch.setattr(trainer, "erase_concept", erase_concept)
+    monkeypatch.setattr(bench, "bench_erasure", bench_erasure)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Stop):
+        main(["--erase", "red"])
+    assert bench_main(["--erase", "red", "--no-preserve", "--attack-steps", "0"]) == 0
+    assert bench_main(["--erase", "red", "--attack-steps", "0"]) == 0
+    plain, default = configs["bench"]
+    assert plain.as_dict() == configs["erase-concept"].as_dict()
+    assert plain.preserve == [] and default.preserve == bench.default_preserve("red")
+    assert list(tmp_path.iterdir()) == []

@@ -252,6 +252,11 @@ def bench_main(argv: list[str]) -> int:
         "--compare", action="store_true", help="run surgical and esd side by side, each until the judge sees it erased"
     )
     # without --preserve, the other shapes (or colors) are preserved
+    parser.add_argument(
+        "--no-preserve",
+        action="store_true",
+        help="preserve no prompt, as erase-concept --erase X does (the model's own sentences still are)",
+    )
     parser.add_argument("--samples", type=int, default=72, help="samples per prompt group (>= 64)")
     parser.add_argument(
         "--attack-steps",
@@ -267,6 +272,8 @@ def bench_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.erase and not args.compare:
         parser.error("give --erase TEXT, or --compare for the default set of concepts")
+    if args.no_preserve and args.preserve:
+        parser.error("give --preserve TEXT or --no-preserve, not both")
     check_output(parser, "--json", args.json, ".json")
     check_output(parser, "--grid", args.grid, ".png")
 
@@ -280,7 +287,7 @@ def bench_main(argv: list[str]) -> int:
     rows, done, first_images = [], {}, {}
     for (erase, into), method in ((p, m) for p in pairs for m in methods):
         into_list = [into] if into and method != "esd" else []
-        preserve = args.preserve or bench.default_preserve(erase)
+        preserve = [] if args.no_preserve else args.preserve or bench.default_preserve(erase)
         config = config_from_args(args, erase=[erase], into=into_list, preserve=preserve, method=method)
         key = (erase, tuple(into_list), method)
         if key not in done:  # esd's row for an "into" pair is its plain erasure, run once
