@@ -21,7 +21,7 @@ import torch
 from ..denoiser import Conditioning, Denoiser
 from ..parameters import EraseConfig
 from ..trainer import Progress, erase_concept
-from .speed import PROMPTS, build_model, peak_memory_gib
+from .speed import DTYPES, PROMPTS, build_model, peak_memory_gib
 
 
 def pooled_guidance_share(denoiser: Denoiser, prompt: str, resolution: int) -> float:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=64, help="image pixels (64: an 8x8 latent)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sampler-steps", type=int, default=50, help="the trajectory sampler's steps")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     denoiser = build_model(args.shape, args.device, getattr(torch, args.dtype))

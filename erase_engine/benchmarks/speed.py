@@ -32,6 +32,7 @@ from ..trainer import erase_concept
 
 ERASURE_STEPS = 200  # a typical erasure (auto steps stop after 100-400 on the built-in model), per-erasure figures
 PROMPTS = {"tiny": "star", "sd15": "Van Gogh", "sdxl": "Van Gogh"}
+DTYPES = ("float32", "bfloat16", "float16")  # the --dtype choices of the benchmarks on these models
 
 
 ESD_LR = 1e-5  # ESD's own learning rate (the timing does not depend on it)
@@ -167,7 +168,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shape", choices=("tiny", "sd15", "sdxl"), help="default: sd15 on cuda, tiny on cpu")
     parser.add_argument("--steps", type=int, default=20, help="training steps timed in each loop")
     parser.add_argument("--resolution", type=int, help="image size in pixels (default: the model's)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--json", type=Path, metavar="FILE")
     args = parser.parse_args(argv)
     shape = args.shape or ("sd15" if args.device.startswith("cuda") else "tiny")
