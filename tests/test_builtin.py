@@ -95,7 +95,7 @@ def test_the_model_cards_sentences_draw_the_color_they_name(shapes, judge):
 
 def test_an_erasure_at_the_defaults_removes_the_concept_and_keeps_the_others(shapes, judge):
     erase = "heart"
-    config = EraseConfig(erase=[erase], preserve=bench.default_preserve(erase))  # the defaults: auto steps and lr
+    config = EraseConfig(erase=[erase], preserve=bench.other_concepts(erase))  # the defaults: auto steps and lr
     result, _ = bench.run_bench(shapes, judge, config, samples=64)
     print(result)
     assert result["erase_acc_before"] >= 0.9
@@ -168,9 +168,9 @@ def test_compare_runs_each_method_until_the_judge_sees_the_concept_erased(monkey
     assert Image.open(grid).height == 28 + 3 * tile  # original, surgical, esd
 
 
-def test_bench_without_preserve_runs_what_erase_concept_runs(monkeypatch, tmp_path):
-    """``bench --no-preserve`` measures the erasure ``erase-concept --erase X`` trains: the same
-    config, field by field (without the flag the bench preserves the other concepts)."""
+def test_bench_with_no_flag_runs_what_erase_concept_runs(monkeypatch, tmp_path):
+    """``bench`` with no flag measures the erasure ``erase-concept --erase X`` trains: the same
+    config, field by field; ``--preserve-others`` preserves the other concepts by name."""
     from erase_engine import trainer
     from erase_engine.frontends.cli import bench_main, main
 
@@ -193,9 +193,10 @@ def test_bench_without_preserve_runs_what_erase_concept_runs(monkeypatch, tmp_pa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Stop):
         main(["--erase", "red"])
-    assert bench_main(["--erase", "red", "--no-preserve", "--attack-steps", "0"]) == 0
-    assert bench_main(["--erase", "red", "--attack-steps", "0"]) == 0
-    plain, default = configs["bench"]
+    assert bench_main(["--erase", "red", "--attack-steps", "0"]) == 0  # (the attack does not change the erasure)
+    assert bench_main(["--erase", "red", "--attack-steps", "0", "--preserve-others"]) == 0
+    plain, others = configs["bench"]
     assert plain.as_dict() == configs["erase-concept"].as_dict()
-    assert plain.preserve == [] and default.preserve == bench.default_preserve("red")
+    assert plain.preserve == [] and others.preserve == ["green", "blue", "yellow", "purple", "orange"]
+    assert replace(others, preserve=[]).as_dict() == plain.as_dict()
     assert list(tmp_path.iterdir()) == []

@@ -30,8 +30,8 @@ from .efficacy import (
     Concept,
     average,
     bench_erasure,
-    default_preserve,
     judge_attack,
+    other_concepts,
     prompt_groups,
     sample,
     table_cell,
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         concept = Concept.parse(erase)
         for method in args.methods:
             config = EraseConfig(
-                erase=[erase], preserve=default_preserve(erase), contexts=args.contexts, **METHODS[method]
+                erase=[erase], preserve=other_concepts(erase), contexts=args.contexts, **METHODS[method]
             )
             row, _, erasure = bench_erasure(denoiser, judge, config, args.samples)
             keep = ("steps", "seconds", "erase_acc_after", "preserve_acc_after", "uncond_pixel_drift", "layout_kept")

@@ -20,7 +20,7 @@ from ..builtin.render import BACKGROUNDS
 from ..hosts.diffusers_loading import load_denoiser
 from ..parameters import EraseConfig
 from ..trainer import erase_concept
-from .efficacy import SAMPLE_SEED, Concept, average, default_preserve, judge_erasure, prompt_groups
+from .efficacy import SAMPLE_SEED, Concept, average, judge_erasure, other_concepts, prompt_groups
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     denoiser, judge = load_denoiser(BUILTIN_MODEL), load_judge()
     concept = Concept.parse(args.erase)
     config = EraseConfig(
-        erase=[args.erase], contexts=args.contexts, preserve=default_preserve(args.erase), steps=args.steps
+        erase=[args.erase], contexts=args.contexts, preserve=other_concepts(args.erase), steps=args.steps
     )
     erasure = erase_concept(denoiser, config)
     metrics, images = judge_erasure(judge, erasure, concept, None, args.samples, SAMPLE_SEED)

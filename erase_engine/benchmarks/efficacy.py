@@ -55,9 +55,9 @@ class Concept:
         raise ValueError(f"the benchmark erases one of the shapes {SHAPES} or colors {tuple(COLORS)}, not {text!r}")
 
 
-def default_preserve(erase: str) -> list[str]:
-    """The other concepts of the erased one's kind, by name: what the bench preserves
-    unless told otherwise (the esd preset ignores them)."""
+def other_concepts(erase: str) -> list[str]:
+    """The other concepts of the erased one's kind, by name: what ``bench --preserve-others``
+    and the studies preserve (the esd preset ignores them)."""
     concept = Concept.parse(erase)
     names = SHAPES if concept.kind == "shape" else tuple(COLORS)
     return [name for i, name in enumerate(names) if i != concept.index]
