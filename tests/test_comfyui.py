@@ -96,7 +96,9 @@ def test_a_erase_then_sample_same_seed_and_the_loaded_model_is_untouched(server)
 
 
 def test_b_save_lora_and_checkpoint_then_c_stock_loaders_use_them(server):
-    outputs = server.run(example("b_erase_and_save"))
+    workflow = example("b_erase_and_save")
+    outputs = server.run(workflow)
+    rank = workflow["2"]["inputs"]["lora_rank"]
     lora_name = Path(outputs["20"]["text"][0]).name
     checkpoint_name = Path(outputs["21"]["text"][0]).name
     lora_path = server.base / "models" / "loras" / lora_name
@@ -106,7 +108,7 @@ def test_b_save_lora_and_checkpoint_then_c_stock_loaders_use_them(server):
     assert len(modules) == 64  # SD1.5: 16 transformer blocks x attn2.{to_q, to_k, to_v, to_out.0}
     assert all(k.startswith("lora_unet_") for k in keys)
     assert keys == {f"{m}.{s}" for m in modules for s in ("lora_down.weight", "lora_up.weight", "alpha")}
-    assert json.loads(metadata["erasure.erase"]) == ["Van Gogh"] and metadata["ss_network_dim"] == "4"
+    assert json.loads(metadata["erasure.erase"]) == ["Van Gogh"] and metadata["ss_network_dim"] == str(rank)
     assert lora_name in server.listed("LoraLoader", "lora_name")  # no restart needed
     assert checkpoint_name in server.listed("CheckpointLoaderSimple", "ckpt_name")
     assert not list(server.base.rglob("*.partial"))

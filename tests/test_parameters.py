@@ -140,3 +140,24 @@ def test_the_web_form_shows_the_tables_defaults_ranges_and_choices():
         elif spec.kind is not str:
             assert (component.minimum, component.maximum) == (spec.form_minimum, spec.maximum), spec.name
     assert components["preserve"].lines > 1  # the multiline field
+
+
+def test_the_shipped_workflows_erase_at_the_defaults():
+    """A ComfyUI user's first erasure is one of ``examples/``: apart from what it erases and
+    preserves, its erase node holds every parameter's default, so it runs what the CLI runs."""
+    import json
+
+    from support import ROOT
+
+    chosen = {"erase", "into", "preserve"}
+    nodes = [
+        (path.name, node["inputs"])
+        for path in sorted((ROOT / "examples" / "api").glob("*.json"))
+        for node in json.loads(path.read_text()).values()
+        if node["class_type"] == "AllButOneEraseConcept"
+    ]
+    assert len(nodes) >= 4
+    for name, inputs in nodes:
+        given = {spec.name: inputs[spec.name] for spec in PARAMETERS if spec.name not in chosen}
+        defaults = {spec.name: spec.default for spec in PARAMETERS if spec.name not in chosen}
+        assert given == defaults, name
