@@ -157,7 +157,6 @@ def test_the_shipped_workflows_erase_at_the_defaults():
         if node["class_type"] == "AllButOneEraseConcept"
     ]
     assert len(nodes) >= 4
+    defaults = {spec.name: spec.default for spec in PARAMETERS if spec.name not in chosen}
     for name, inputs in nodes:
-        given = {spec.name: inputs[spec.name] for spec in PARAMETERS if spec.name not in chosen}
-        defaults = {spec.name: spec.default for spec in PARAMETERS if spec.name not in chosen}
-        assert given == defaults, name
+        assert {key: inputs[key] for key in defaults} == defaults, name
