@@ -30,7 +30,10 @@ from .sampling import TrajectoryCache
 
 HELD_OUT_TRAJECTORIES = 2  # per prompt, never drawn by training
 LEVELS = 6  # states per held-out trajectory, evenly spread over the sampler's steps
-BATCH = 16  # rows per student call while scoring
+# Rows per model call while scoring: BATCH, or for a smaller latent as many as hold the same
+# latent pixels (the built-in model's 8x8: 1024 rows), since a small call costs mostly its overhead.
+BATCH = 16
+BATCH_PIXELS = BATCH * 64 * 64  # BATCH rows of SD1.5's 512-px latent
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ class Score:
 
 class ScoreProbe:
     """The held-out states with the frozen model's outputs and targets there, computed once;
-    ``score(deltas)`` then costs the student's forward passes over them (``BATCH`` rows a call)."""
+    ``score(deltas)`` then costs the student's forward passes over them (all prompts' rows in
+    calls of ``rows_per_call``)."""
 
     def __init__(
         self,
@@ -104,8 +108,8 @@ class ScoreProbe:
             self.concept_rows.setdefault(concept, []).extend(range(rows, rows + len(x)))
             rows += len(x)
             base = (bases or {}).get(erase, "")
-            teacher_base.append(self._output(base, x, t) if base else outputs[:, 0])
-            alternative = self._output(into, x, t) if into else None
+            teacher_base.append(self._output([(base, x, t)]) if base else outputs[:, 0])
+            alternative = self._output([(into, x, t)]) if into else None
             targets.append(
                 objective.target(teacher_base[-1], outputs[:, 1], t, denoiser.schedule.num_timesteps, alternative)
             )
@@ -126,21 +130,26 @@ class ScoreProbe:
     def score(self, deltas: WeightDeltas, adversary: dict[str, Conditioning] | None = None) -> Score:
         """The score of ``deltas``; with ``adversary`` (erased prompt -> its conditioning with the
         adversary's word), also ``remaining`` asked that way."""
-        student_erase = self._shared(self.erase_states, deltas)
-        adversary_remaining = None
-        if adversary is not None:
-            asked = self._shared([(adversary[p], x, t) for p, x, t in self.erase_states], deltas)
-            adversary_remaining = self._remaining(asked)
-        student_uncond = self._shared([("", x, t) for _, x, t in self.erase_states], deltas)
+        asked = {  # every kind of row in one batch: a call costs mostly its overhead on a small model
+            "erase": self.erase_states,
+            "uncond": [("", x, t) for _, x, t in self.erase_states],
+            "preserve": [(p, x, t) for p, (x, t) in self.preserve_states.items()],
+            "adversary": [(adversary[p], x, t) for p, x, t in self.erase_states] if adversary is not None else [],
+        }
+        outputs = self._shared([row for rows in asked.values() for row in rows], deltas)
+        student = dict(
+            zip(asked, outputs.split([sum(len(x) for _, x, _ in rows) for rows in asked.values()]), strict=True)
+        )
+        student_erase = student["erase"]
+        adversary_remaining = self._remaining(student["adversary"]) if adversary is not None else None
         preserve = {}
-        changes = self._shared([(p, x, t) for p, (x, t) in self.preserve_states.items()], deltas)
-        for prompt, change in zip(self.preserve_states, changes.split(self.preserve_rows), strict=True):
+        for prompt, change in zip(self.preserve_states, student["preserve"].split(self.preserve_rows), strict=True):
             change = change - self.teacher_preserve[prompt]
             preserve[prompt] = float(_energy(change) / len(change) / self.guidance_per_state) ** 0.5
         return Score(
             remaining=self._remaining(student_erase),
             distance=float(_energy(student_erase - self.target) / self.untouched) ** 0.5,
-            uncond_drift=float(_energy(student_uncond - self.teacher_uncond) / self.guidance) ** 0.5,
+            uncond_drift=float(_energy(student["uncond"] - self.teacher_uncond) / self.guidance) ** 0.5,
             preserve_drift=preserve,
             adversary_remaining=adversary_remaining,
             remaining_by_concept={c: self._remaining(student_erase, rows) for c, rows in self.concept_rows.items()},
@@ -151,11 +160,10 @@ class ScoreProbe:
         computes its share of the prompts and the ranks add up their parts (zeros elsewhere)."""
         if not asked:
             return self.teacher_erase[:0]
-        own = set(self.ranks.own(len(asked)))
-        parts = [
-            self._output(p, x, t, deltas) if i in own else self.teacher_erase.new_zeros(x.shape)
-            for i, (p, x, t) in enumerate(asked)
-        ]
+        own = self.ranks.own(len(asked))
+        computed = self._output([asked[i] for i in own], deltas).split([len(asked[i][1]) for i in own]) if own else []
+        mine = dict(zip(own, computed, strict=True))
+        parts = [mine[i] if i in mine else self.teacher_erase.new_zeros(x.shape) for i, (_, x, _) in enumerate(asked)]
         return self.ranks.sum_tensor(torch.cat(parts))
 
     def _remaining(self, student_erase: torch.Tensor, rows: list[int] | None = None) -> float:
@@ -166,16 +174,26 @@ class ScoreProbe:
 
     @torch.no_grad()
     def _output(
-        self, prompt: str | Conditioning, x: torch.Tensor, t: torch.Tensor, deltas: WeightDeltas | None = None
+        self, asked: list[tuple[str | Conditioning, torch.Tensor, torch.Tensor]], deltas: WeightDeltas | None = None
     ) -> torch.Tensor:
-        """The model's outputs for ``prompt`` (or a one-row conditioning) at the states ``x, t``,
-        a few rows per call."""
-        parts = []
-        for start in range(0, len(x), BATCH):
-            rows = slice(start, start + BATCH)
-            cond = (prompt if isinstance(prompt, Conditioning) else self.cond[prompt]).repeat(len(x[rows]))
-            parts.append(self.denoiser.output(x[rows], t[rows], cond, deltas))
-        return torch.cat(parts)
+        """The model's outputs for each (prompt or one-row conditioning, states ``x, t``), in one
+        tensor: every prompt's rows together, ``rows_per_call`` rows a call."""
+        cond = Conditioning.cat(
+            [(p if isinstance(p, Conditioning) else self.cond[p]).repeat(len(x)) for p, x, _ in asked]
+        )
+        x, t = torch.cat([x for _, x, _ in asked]), torch.cat([t for _, _, t in asked])
+        rows = rows_per_call(x)
+        return torch.cat(
+            [
+                self.denoiser.output(x[i : i + rows], t[i : i + rows], cond[i : i + rows], deltas)
+                for i in range(0, len(x), rows)
+            ]
+        )
+
+
+def rows_per_call(x: torch.Tensor) -> int:
+    """``BATCH`` rows of latents ``x`` [N, C, H, W], or more where a row is smaller than SD1.5's."""
+    return max(BATCH, BATCH_PIXELS // (x.shape[-2] * x.shape[-1]))
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

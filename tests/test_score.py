@@ -16,7 +16,7 @@ def held_out(tiny_model_dirs):
     from erase_engine import load_denoiser
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
-    prompts = ["a cat", "a photo of a cat", "a car"]
+    prompts = ["a cat", "a photo of a cat", "a car", "a tree"]
     shape = denoiser.latent_shape(None)
     cache = TrajectoryCache.sample(denoiser, prompts, 2, 4, 3.0, shape, torch.Generator().manual_seed(0))
     return denoiser, cache
@@ -30,18 +30,28 @@ def random_lora(denoiser) -> WeightDeltas:
     return deltas
 
 
-@pytest.mark.parametrize("into, context", [("", "{}"), ("a dog", "{}"), ("a dog", "a photo of {}")])
-def test_the_score_is_the_formula_written_out_state_by_state(held_out, into, context):
+@pytest.mark.parametrize(
+    "into, context, rows_per_call",
+    [("", "{}", None), ("a dog", "{}", None), ("a dog", "a photo of {}", None), ("a dog", "a photo of {}", 3)],
+)
+def test_the_score_is_the_formula_written_out_state_by_state(held_out, into, context, rows_per_call, monkeypatch):
     """remaining, distance and the drifts of docs/method.md section 7, computed here one
     held-out state at a time from the model's own outputs; in a context, the concept's guidance
-    is taken from the sentence without it (section 9)."""
+    is taken from the sentence without it (section 9). The probe asks every prompt's states in
+    one batch (``rows_per_call``: also in calls of 3 rows, each mixing prompts)."""
+    from erase_engine import score as score_module
+
+    if rows_per_call:
+        monkeypatch.setattr(score_module, "BATCH", rows_per_call)
+        monkeypatch.setattr(score_module, "BATCH_PIXELS", 0)
     denoiser, cache = held_out
-    config = EraseConfig(erase=["a cat"], into=[into] if into else [], preserve=["a car"], contexts=[context])
+    kept = ["a car", "a tree"]
+    config = EraseConfig(erase=["a cat"], into=[into] if into else [], preserve=kept, contexts=[context])
     objective = make_objective("surgical")
     deltas = random_lora(denoiser)
     cond = encode_prompts(denoiser, config)
     pairs = config.prompt_pairs()
-    probe = ScoreProbe(denoiser, objective, cache, pairs, ["a car"], cond, bases=config.context_bases())
+    probe = ScoreProbe(denoiser, objective, cache, pairs, kept, cond, bases=config.context_bases())
     erased, base = context.replace("{}", "a cat"), context.replace("{}", "").strip()
     # a robust erasure's adversary asks the concept another way: here, with other words
     score = probe.score(deltas, adversary={erased: denoiser.encode(["a photo of a dog"])})
@@ -52,7 +62,8 @@ def test_the_score_is_the_formula_written_out_state_by_state(held_out, into, con
 
     steps = cache.latents[erased].shape[1]
     levels = torch.linspace(0, steps - 1, min(LEVELS, steps)).round().long().unique()
-    far = untouched = along = uncond = guidance = preserve = adversary = 0.0
+    far = untouched = along = uncond = guidance = adversary = 0.0
+    preserve = dict.fromkeys(kept, 0.0)
     for k in range(cache.latents[erased].shape[0]):
         for s in levels.tolist():
             x, t = cache.latents[erased][k, s], cache.timesteps[s]
@@ -66,12 +77,16 @@ def test_the_score_is_the_formula_written_out_state_by_state(held_out, into, con
             adversary += float(((out("a photo of a dog", x, t, True) - e_c) * (target - e_c)).sum())
             uncond += float(((out("", x, t, True) - e_0) ** 2).sum())
             guidance += float(((e_c - e_b) ** 2).sum())
-            x_p = cache.latents["a car"][k, s]
-            preserve += float(((out("a car", x_p, t, True) - out("a car", x_p, t)) ** 2).sum())
+            for p in kept:
+                x_p = cache.latents[p][k, s]
+                preserve[p] += float(((out(p, x_p, t, True) - out(p, x_p, t)) ** 2).sum())
     assert score.distance == pytest.approx((far / untouched) ** 0.5, rel=1e-3)
     assert score.remaining == pytest.approx(1 - along / untouched, rel=1e-3, abs=1e-4)
     assert score.uncond_drift == pytest.approx((uncond / guidance) ** 0.5, rel=1e-3)
-    assert score.preserve_drift["a car"] == pytest.approx((preserve / guidance) ** 0.5, rel=1e-3)
+    for p in kept:
+        assert score.preserve_drift[p] == pytest.approx((preserve[p] / guidance) ** 0.5, rel=1e-4)
+    # (the two prompts' drifts differ by more than that: a mix-up of their rows would show)
+    assert score.preserve_drift["a car"] != pytest.approx(score.preserve_drift["a tree"], rel=1e-3)
     assert score.remaining != pytest.approx(1.0)  # the random deltas moved it
     assert score.adversary_remaining == pytest.approx(1 - adversary / untouched, rel=1e-3, abs=1e-4)
     assert probe.score(deltas).adversary_remaining is None
