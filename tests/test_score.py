@@ -23,8 +23,9 @@ def held_out(tiny_model_dirs):
 
 
 def random_lora(denoiser) -> WeightDeltas:
-    deltas = WeightDeltas.create(denoiser.unet_layers(), "xattn", 2)
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)  # the same deltas every run
+        deltas = WeightDeltas.create(denoiser.unet_layers(), "xattn", 2)
         for delta in deltas.by_layer.values():
             delta.up.normal_(0, 0.05)
     return deltas
