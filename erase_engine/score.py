@@ -178,17 +178,15 @@ class ScoreProbe:
     ) -> torch.Tensor:
         """The model's outputs for each (prompt or one-row conditioning, states ``x, t``), in one
         tensor: every prompt's rows together, ``rows_per_call`` rows a call."""
-        cond = Conditioning.cat(
-            [(p if isinstance(p, Conditioning) else self.cond[p]).repeat(len(x)) for p, x, _ in asked]
-        )
+        conds = [p if isinstance(p, Conditioning) else self.cond[p] for p, _, _ in asked]
+        of_row = [i for i, (_, x, _) in enumerate(asked) for _ in range(len(x))]  # each row's entry in ``asked``
         x, t = torch.cat([x for _, x, _ in asked]), torch.cat([t for _, _, t in asked])
         rows = rows_per_call(x)
-        return torch.cat(
-            [
-                self.denoiser.output(x[i : i + rows], t[i : i + rows], cond[i : i + rows], deltas)
-                for i in range(0, len(x), rows)
-            ]
-        )
+        parts = []
+        for start in range(0, len(x), rows):  # (the text conditioning, larger than a latent, built per call)
+            cond = Conditioning.cat([conds[i] for i in of_row[start : start + rows]])
+            parts.append(self.denoiser.output(x[start : start + rows], t[start : start + rows], cond, deltas))
+        return torch.cat(parts)
 
 
 def rows_per_call(x: torch.Tensor) -> int:
