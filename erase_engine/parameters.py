@@ -253,7 +253,10 @@ class EraseConfig:
     )
     stop_at: float = parameter(
         "Stop at remaining",
-        "Auto steps stop once the held-out remaining score (1: untouched, 0: erased) and uncond drift are at most this",
+        (
+            "Auto steps stop once the held-out remaining score (1: untouched, 0: erased) and uncond drift"
+            " are at most this (a third of it where the concept is replaced by an alternative)"
+        ),
         0.3,
         0.01,
         1.0,

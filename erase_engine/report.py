@@ -17,7 +17,7 @@ from .attack import Attack
 from .deltas import WeightDeltas
 from .denoiser import Denoiser
 from .sampling import generate
-from .trainer import Erasure
+from .trainer import Erasure, stop_threshold
 
 TILE = 128  # the smallest on-screen size of a sample in the grid, in pixels
 LABEL_WIDTH = 200
@@ -119,7 +119,9 @@ def training_plot(erasure: Erasure) -> Image.Image:
         worst = [s.worst_preserve_drift for _, s in erasure.scores]
         score_axes.plot(at, worst, color="tab:green", label="preserve drift (worst)")
     if erasure.config.steps is None:
-        score_axes.axhline(erasure.config.stop_at, color="gray", linestyle="--", linewidth=1, label="auto stops below")
+        score_axes.axhline(
+            stop_threshold(erasure.config), color="gray", linestyle="--", linewidth=1, label="auto stops below"
+        )
     score_axes.set(xlabel="training step", ylabel="held-out score", ylim=(0, 1.05), title="Erasure score")
     score_axes.legend(fontsize=8)
     score_axes.grid(alpha=0.3)

@@ -7,7 +7,7 @@ from erase_engine import EraseConfig, erase_concept
 from erase_engine.deltas import WeightDeltas
 from erase_engine.objective import make_objective
 from erase_engine.sampling import TrajectoryCache
-from erase_engine.score import LEVELS, ScoreProbe
+from erase_engine.score import LEVELS, Score, ScoreProbe
 from erase_engine.trainer import CHECK_EVERY, RELATIVE_STEP, encode_prompts
 
 
@@ -189,6 +189,26 @@ def test_auto_steps_stop_at_the_threshold_or_the_maximum(tiny_model_dirs):
     assert "reached" in both.stopped and set(score.remaining_by_concept) == {"a cat", "a car"}
     assert max(score.remaining_by_concept.values()) <= 0.999
     assert all(max(*s.remaining_by_concept.values(), s.uncond_drift) > 0.999 for _, s in both.scores[:-1])
+
+
+@pytest.mark.parametrize("into, stopping_check", [([], 2), (["a dog"], 3)])
+def test_a_replacement_stops_at_a_third_of_stop_at(tiny_model_dirs, monkeypatch, into, stopping_check):
+    """Auto steps stop at the first check whose remaining and uncond drift are at most stop_at
+    (0.3), or where the concept is replaced by an alternative, a third of it (0.1): the held-out
+    scores are scripted to fall 1.0, 0.5, 0.25, 0.09 check by check."""
+    from erase_engine import load_denoiser
+
+    scripted = iter([1.0, 0.5, 0.25, 0.09, 0.05])
+
+    def score(self, deltas, adversary=None):
+        level = next(scripted)
+        return Score(remaining=level, distance=level, uncond_drift=level, preserve_drift={})
+
+    monkeypatch.setattr(ScoreProbe, "score", score)
+    config = EraseConfig(erase=["a cat"], into=into, trajectories=1, sampler_steps=2, stop_at=0.3, max_steps=200)
+    erasure = erase_concept(load_denoiser(tiny_model_dirs["sd1"]), config)
+    assert erasure.scores[-1][0] == stopping_check * CHECK_EVERY and len(erasure.losses) == stopping_check * CHECK_EVERY
+    assert "reached" in erasure.stopped
 
 
 def test_a_list_longer_than_a_step_holds_is_checked_less_often(tiny_model_dirs, monkeypatch):
