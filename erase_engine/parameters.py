@@ -172,7 +172,11 @@ class EraseConfig:
         "Preserve (one prompt per line)", "Prompts whose pictures must not change.", "", multiline=True
     )
     method: str = parameter(
-        "Method", "surgical: the paper's guidance surgery; esd: the ESD baseline.", "surgical", choices=tuple(PRESETS)
+        "Method",
+        f"surgical: the paper's guidance surgery, the empty prompt weighed {PRESETS['surgical'].lambda_u:g}x"
+        " (lambda_u); esd: the ESD baseline.",
+        "surgical",
+        choices=tuple(PRESETS),
     )
     train: str = parameter(
         "Trainable layers",
