@@ -17,7 +17,7 @@ from .attack import Attack
 from .deltas import WeightDeltas
 from .denoiser import Denoiser
 from .sampling import generate
-from .trainer import Erasure, stop_threshold
+from .trainer import Erasure
 
 TILE = 128  # the smallest on-screen size of a sample in the grid, in pixels
 LABEL_WIDTH = 200
@@ -120,7 +120,7 @@ def training_plot(erasure: Erasure) -> Image.Image:
         score_axes.plot(at, worst, color="tab:green", label="preserve drift (worst)")
     if erasure.config.steps is None:
         score_axes.axhline(
-            stop_threshold(erasure.config), color="gray", linestyle="--", linewidth=1, label="auto stops below"
+            erasure.config.stop_threshold, color="gray", linestyle="--", linewidth=1, label="auto stops below"
         )
     score_axes.set(xlabel="training step", ylabel="held-out score", ylim=(0, 1.05), title="Erasure score")
     score_axes.legend(fontsize=8)

@@ -15,7 +15,7 @@ from .deltas import WeightDeltas
 from .denoiser import Conditioning, Denoiser
 from .objective import Objective, surgery_loss
 from .parallel import Ranks
-from .parameters import MOST_PAIRS_PER_STEP, EraseConfig
+from .parameters import MOST_PAIRS_PER_STEP, REPLACED_STOP_SHARE, EraseConfig
 from .sampling import TrajectoryCache
 from .score import HELD_OUT_TRAJECTORIES, Score, ScoreProbe
 
@@ -30,9 +30,6 @@ RELATIVE_STEP = 1e-2
 # gets a step smaller by sqrt(DEEPEST_MEASURED / layers): the whole moves as far as that depth.
 DEEPEST_MEASURED = 64
 CHECK_EVERY = 20  # training steps between two held-out scores
-# Auto's threshold where a concept is replaced, as a share of stop_at: at 1 the star stopped with
-# hearts in 0.54 of the samples, at 1/3 in 1.00 (README, "On the built-in model, with the defaults only").
-REPLACED_STOP_SHARE = 1 / 3
 # Rows of each kind (erased, preserve) in one student call: a longer batch runs in pieces whose
 # gradients add up (the same step, in less memory).
 MICRO_BATCH_ROWS = 32
@@ -230,7 +227,7 @@ def _erase_concept(denoiser, config, progress, should_stop) -> Erasure:
             scores.append((done, score()))
         report("training", done, most, losses[-1], scores[-1][1])
         checked = scores[-1][0] == done
-        if config.steps is None and checked and ranks.agree(erased(scores[-1][1], stop_threshold(config))):
+        if config.steps is None and checked and ranks.agree(erased(scores[-1][1], config.stop_threshold)):
             break  # auto: the held-out score says the concept is gone and the empty prompt is in place
 
     finished = time.perf_counter()
@@ -283,13 +280,6 @@ def check_every(config: EraseConfig) -> int:
     return CHECK_EVERY * -(-len(config.erase) // MOST_PAIRS_PER_STEP)
 
 
-def stop_threshold(config: EraseConfig) -> float:
-    """Auto steps' threshold: ``stop_at``, or where a concept is replaced, ``REPLACED_STOP_SHARE`` of
-    it: the alternative's direction is reached after the concept has left (docs/method.md, section 8)."""
-    replaced = any(into for _, into in config.pairs())
-    return config.stop_at * (REPLACED_STOP_SHARE if replaced else 1.0)
-
-
 def erased(score: Score, stop_at: float) -> bool:
     """Auto steps' test: the concept has gone far enough (in a robust erasure, also asked through
     the adversary's word), and the empty prompt's prediction has settled (early on, large steps
@@ -304,7 +294,7 @@ def why_stopped(config: EraseConfig, score: Score) -> str:
     reached = f"remaining {score.worst_remaining:.2f} and uncond drift {score.uncond_drift:.2f}"
     if score.adversary_remaining is not None:
         reached += f", through the adversary {score.adversary_remaining:.2f}"
-    threshold = stop_threshold(config)
+    threshold = config.stop_threshold
     named = f"stop_at {config.stop_at:g}"
     if threshold != config.stop_at:
         named = f"{threshold:.2g}: {named} x {REPLACED_STOP_SHARE:.2g} for a replacement"
