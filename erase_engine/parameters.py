@@ -262,7 +262,7 @@ class EraseConfig:
         "Stop at remaining",
         (
             "Auto steps stop once the held-out remaining score (1: untouched, 0: erased) and uncond drift"
-            " are at most this (a third of it where the concept is replaced by an alternative)"
+            f" are at most this (× {REPLACED_STOP_SHARE:.2g} where the concept is replaced by an alternative)"
         ),
         0.3,
         0.01,
@@ -272,7 +272,8 @@ class EraseConfig:
     )
     max_steps: int | None = parameter(
         "Max steps",
-        "The most steps auto may take; auto: 400 for one concept, 400 × concepts / √(concepts a step) for a list.",
+        f"The most steps auto may take; auto: {ONE_CONCEPT_MAX_STEPS} for one concept,"
+        f" {ONE_CONCEPT_MAX_STEPS} × concepts / √(concepts a step) for a list.",
         0,
         1,
         100_000,
@@ -282,7 +283,8 @@ class EraseConfig:
     )
     contexts: list[str] = parameter(
         "Contexts (one per line; {} stands for the concept)",
-        "Sentences to erase the concept in as well, as your prompts use it (the words after a concept carry it).",
+        "Sentences to erase the concept in as well, as your prompts use it (the words after a concept carry it);"
+        " a model that declares the sentences it is asked (the built-in one) adds its own.",
         "{}",
         multiline=True,
         advanced=True,

@@ -23,6 +23,16 @@ RUN = [
 # What two processes may change: the order of the summed gradients and the batch each sampler
 # call holds, in float32, through six Adam steps.
 TOLERANCE = 1e-5
+# Adam divides a step by the gradient's size, so an entry whose gradient is near zero, summed in
+# another order, moves by another share of the rate: a whole tensor is compared, by its norm
+# (measured on one CPU: 0.08 % apart on two processes, 0.25 % in pieces; where 1e-5 absolute per
+# entry, or 1 % of the largest entry, held on others but not there).
+RELATIVE_NORM = 0.02
+
+
+def apart(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How far ``b`` is from ``a``, relative to ``a``'s norm."""
+    return float((a - b).norm() / a.norm().clamp_min(1e-30))
 
 
 def run(*command: str) -> str:
@@ -49,7 +59,7 @@ def test_two_processes_write_the_one_process_lora(sd1, tmp_path, robust):
     moved = max(float(t.abs().max()) for k, t in single.items() if k.endswith("lora_up.weight"))
     assert moved > 100 * TOLERANCE  # the erasure trained: the comparison can tell
     for key, tensor in single.items():
-        assert torch.allclose(parallel[key], tensor, atol=TOLERANCE, rtol=0), key
+        assert apart(tensor, parallel[key]) <= RELATIVE_NORM, key
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "two.safetensors"]  # rank 0 wrote
 
 
@@ -78,17 +88,29 @@ def test_a_batch_run_in_pieces_trains_the_same_deltas(sd1, monkeypatch, robust):
         lr=1e-3,
         robust=robust,
     )
+    gradients = []  # each step's, as the optimizer gets them
+    adam_step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        gradients.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+        return adam_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     whole = erase_concept(denoiser, config)
+    first_step = gradients[0]
     calls = []
     piece = trainer.backward_piece
     monkeypatch.setattr(trainer, "backward_piece", lambda *a: calls.append(a[3]) or piece(*a))
     monkeypatch.setattr(trainer, "MICRO_BATCH_ROWS", 1)
+    gradients.clear()
     split = erase_concept(denoiser, config)
     assert len(calls) == 4 * 4 and all(len(d.erase) == 1 and len(d.preserve) <= 1 for d in calls)
-    # Adam divides a step by the gradient's size, so an entry whose gradient is near zero, summed in
-    # another order, moves by another share of the rate: each tensor within 1 % of its largest entry
-    # (measured: 0.2 % at lambda_u 1, 0.26 % at 8, where 1e-5 absolute held only at 1).
+    # At the same weights the pieces' gradients add up to the batch's (float32 order alone: 3e-5 of
+    # each tensor's largest entry measured; the LoRA's down projections get none yet, its up is zero).
+    assert any(float(g.abs().max()) > 0 for g in first_step)
+    for a, b in zip(first_step, gradients[0], strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-3 * float(a.abs().max()))
     for a, b in zip(whole.deltas.parameters(), split.deltas.parameters(), strict=True):
-        assert float((a - b).abs().max()) <= 0.01 * float(a.abs().max())
+        assert apart(a, b) <= RELATIVE_NORM
     assert max(float(p.abs().max()) for p in whole.deltas.parameters()) > 100 * TOLERANCE
     assert [x["loss"] for x in split.losses] == pytest.approx([x["loss"] for x in whole.losses], rel=1e-4)
