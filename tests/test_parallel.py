@@ -20,9 +20,9 @@ RUN = [
     "--erase", "a cat", "a dog", "--contexts", "{}", "a photo of {}", "--preserve", "a car", "a tree",
     "--trajectories", "2", "--sampler-steps", "3", "--lr", "1e-3", "--max-steps", "6", "--stop-at", "0.9",
 ]  # fmt: skip
-# What two processes may change: the order of the summed gradients and the batch each sampler
-# call holds, in float32, through six Adam steps.
-TOLERANCE = 1e-5
+# The least a trained delta's largest entry moves (a LoRA's up starts at zero): the erasure
+# trained, so the comparisons below can tell two erasures apart.
+TRAINED = 1e-3
 # Adam divides a step by the gradient's size, so an entry whose gradient is near zero, summed in
 # another order, moves by another share of the rate: a whole tensor is compared, by its norm
 # (measured on one CPU: 0.08 % apart on two processes, 0.25 % in pieces; where 1e-5 absolute per
@@ -57,7 +57,7 @@ def test_two_processes_write_the_one_process_lora(sd1, tmp_path, robust):
     single, parallel = load_file(one), load_file(two)
     assert single.keys() == parallel.keys()
     moved = max(float(t.abs().max()) for k, t in single.items() if k.endswith("lora_up.weight"))
-    assert moved > 100 * TOLERANCE  # the erasure trained: the comparison can tell
+    assert moved > TRAINED  # the erasure trained: the comparison can tell
     for key, tensor in single.items():
         assert apart(tensor, parallel[key]) <= RELATIVE_NORM, key
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "two.safetensors"]  # rank 0 wrote
@@ -112,5 +112,5 @@ def test_a_batch_run_in_pieces_trains_the_same_deltas(sd1, monkeypatch, robust):
         assert torch.allclose(a, b, rtol=0, atol=1e-3 * float(a.abs().max()))
     for a, b in zip(whole.deltas.parameters(), split.deltas.parameters(), strict=True):
         assert apart(a, b) <= RELATIVE_NORM
-    assert max(float(p.abs().max()) for p in whole.deltas.parameters()) > 100 * TOLERANCE
+    assert max(float(p.abs().max()) for p in whole.deltas.parameters()) > TRAINED
     assert [x["loss"] for x in split.losses] == pytest.approx([x["loss"] for x in whole.losses], rel=1e-4)
