@@ -26,8 +26,9 @@ OUT_OF_MEMORY_HINT = (
 # fraction of its RMS (docs/method.md, section 8; chosen on the built-in benchmark).
 RELATIVE_STEP = 1e-2
 # That step was measured on stacks of up to this many trained layers (SD1.5's cross-attention;
-# the built-in model's is 16). Each layer adds its own change to the output, so a deeper stack
-# gets a step smaller by sqrt(DEEPEST_MEASURED / layers): the whole moves as far as that depth.
+# the built-in model's is 16). The layers' changes all push the output the same way, so they add
+# up: a deeper stack gets a step smaller by DEEPEST_MEASURED / layers, and the whole moves as far
+# as one of that depth (a sqrt rule left SDXL's 281 unstable at lambda_u 8; docs/method.md, 8).
 DEEPEST_MEASURED = 64
 CHECK_EVERY = 20  # training steps between two held-out scores
 # Rows of each kind (erased, preserve) in one student call: a longer batch runs in pieces whose
@@ -271,7 +272,7 @@ def backward_piece(
 def relative_step(layers: int) -> float:
     """The automatic learning rate's step for each of ``layers`` trained layers, relative to its
     weights' RMS: ``RELATIVE_STEP``, smaller for a stack deeper than ``DEEPEST_MEASURED``."""
-    return RELATIVE_STEP * math.sqrt(DEEPEST_MEASURED / max(layers, DEEPEST_MEASURED))
+    return RELATIVE_STEP * DEEPEST_MEASURED / max(layers, DEEPEST_MEASURED)
 
 
 def check_every(config: EraseConfig) -> int:
