@@ -128,6 +128,13 @@ def with_word(prompt: str, word: str, replacement: str) -> str:
     return _whole_words(word).sub(replacement, prompt, count=1)
 
 
+def fills(context: str, sentence: str, words: int) -> bool:
+    """Whether ``sentence`` is ``context`` with a phrase of ``words`` words in its ``{}`` (any case)."""
+    before, after = (re.escape(part) for part in context.split("{}", 1))
+    phrase = r"\S+" + r"\s+\S+" * (words - 1)
+    return re.fullmatch(before + phrase + after, sentence.strip(), re.IGNORECASE) is not None
+
+
 def checked_contexts(contexts: list[str]) -> list[str]:
     """Sentence templates, stripped, each once, ``{}`` where the concept goes (none: the concept alone)."""
     kept = list(dict.fromkeys(c.strip() for c in contexts if c.strip())) or ["{}"]
@@ -417,17 +424,22 @@ class EraseConfig:
     def in_model_sentences(self, sentences: tuple[str, ...]) -> EraseConfig:
         """This config erasing in the sentences the model is known to be asked
         (``Denoiser.example_prompts``; docs/method.md, section 9): each one that holds an erased
-        concept becomes a context (the concept's words in it replaced by ``{}``), and where some
-        do, the others are preserved, so that the erasure moves none of the model's other sentences."""
-        contexts = [with_word(s, e, "{}") for e in self.erase for s in sentences if holds_word(s, e)]
-        if not contexts:
+        concept becomes a context (the concept's words in it replaced by ``{}``), and the model's
+        sentences of the same form with another phrase of as many words in the concept's place
+        are preserved: the concept's neighbours, asked as the model is asked about them."""
+        found = [(with_word(s, e, "{}"), len(e.split())) for e in self.erase for s in sentences if holds_word(s, e)]
+        if not found:
             return self
-        others = [s for s in sentences if not any(holds_word(s, e) for e in self.erase)]
+        neighbours = [
+            s
+            for s in sentences
+            if not any(holds_word(s, e) for e in self.erase) and any(fills(c, s, n) for c, n in found)
+        ]
         return replace(
             self,
-            contexts=list(dict.fromkeys([*self.contexts, *contexts])),
+            contexts=list(dict.fromkeys([*self.contexts, *(c for c, _ in found)])),
             # the user's own prompts first: past the limit, model sentences are left out, never theirs
-            preserve=list(dict.fromkeys([*self.preserve, *others]))[:MAX_PRESERVE_PROMPTS],
+            preserve=list(dict.fromkeys([*self.preserve, *neighbours]))[:MAX_PRESERVE_PROMPTS],
         )
 
     def as_dict(self) -> dict:

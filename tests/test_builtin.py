@@ -82,15 +82,21 @@ def test_the_model_draws_what_it_is_asked(shapes, judge):
     assert float((color_pred == group.wanted("color")).float().mean()) >= 0.8
 
 
-def test_the_model_cards_sentences_draw_the_color_they_name(shapes, judge):
-    """The built-in model's example prompts (the sentences an erasure of a color is trained in as
-    well) are sentences it understands: each draws the color it names."""
+def test_the_model_cards_sentences_draw_what_they_name(shapes, judge):
+    """The built-in model's example prompts (the sentences an erasure is trained in, or preserves)
+    are sentences it understands: each color's draws the color it names, each shape's word the shape."""
     prompts = list(shapes.example_prompts)
-    named = [next(i for i, color in enumerate(COLORS) if f"a {color} shape" in p) for p in prompts]
+    colored = [p for p in prompts if p not in SHAPES]
+    named = [next(i for i, color in enumerate(COLORS) if f"a {color} shape" in p) for p in colored]
     assert sorted(set(named)) == list(range(len(COLORS)))  # every color, in the same number of sentences
-    assert len(prompts) == 4 * len(COLORS)  # alone and on each of the three backgrounds
-    color_pred = judge.classify(bench.sample(shapes, prompts, seed=500))[1]
+    assert len(colored) == 4 * len(COLORS)  # alone and on each of the three backgrounds
+    assert sorted(p for p in prompts if p in SHAPES) == sorted(SHAPES)
+    color_pred = judge.classify(bench.sample(shapes, colored, seed=500))[1]
     assert float((color_pred == torch.tensor(named)).float().mean()) >= 0.9
+    asked = [SHAPES[i % len(SHAPES)] for i in range(4 * len(SHAPES))]
+    shape_pred = judge.classify(bench.sample(shapes, asked, seed=500))[0]
+    wanted = torch.tensor([i % len(SHAPES) for i in range(len(asked))])
+    assert float((shape_pred == wanted).float().mean()) >= 0.9
 
 
 def test_an_erasure_at_the_defaults_removes_the_concept_and_keeps_the_others(shapes, judge):

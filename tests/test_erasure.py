@@ -81,24 +81,29 @@ def test_first_step_loss_matches_the_papers_formula(tiny_model_dirs, method, int
 
 def test_an_erasure_is_trained_in_the_sentences_the_model_declares(tiny_model_dirs, monkeypatch):
     """docs/method.md, section 9: each sentence the model declares that holds the erased concept
-    becomes a context; the model's other sentences are preserved."""
+    becomes a context; the model's sentences of the same form, another phrase of as many words in
+    the concept's place, are preserved."""
     from erase_engine import load_denoiser
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
     assert denoiser.example_prompts == ()  # a host's or a user's model declares none
-    declared = ("a photo of a cat", "A cat on a sofa", "a photo of a dog", "a dog and a cat", "a caterpillar")
+    declared = (
+        "a photo of a cat", "A cat on a sofa", "a photo of a dog", "a dog and a cat", "a caterpillar",
+        "a dog on a sofa", "a photo of a red car", "a tree",
+    )  # fmt: skip
     monkeypatch.setattr(denoiser, "example_prompts", declared)
     draws = record_draws(monkeypatch)
     config = EraseConfig(erase=["a cat"], preserve=["a dog"], steps=1, trajectories=2, sampler_steps=2)
     erasure = erase_concept(denoiser, config)
 
-    assert erasure.config.contexts == ["{}", "a photo of {}", "{} on a sofa", "a dog and {}"]
-    assert erasure.config.preserve == ["a dog", "a photo of a dog", "a caterpillar"]  # not the word "cat"
+    assert erasure.config.contexts == ["{}", "a photo of {}", "{} on a sofa", "a dog and {}"]  # not "a caterpillar"
+    # not "a photo of a red car" (three words where the concept has two), nor sentences of another form
+    assert erasure.config.preserve == ["a dog", "a photo of a dog", "a dog on a sofa"]
     assert sorted(draws[0].erase) == sorted(["a cat", "a photo of a cat", "a cat on a sofa", "a dog and a cat"])
-    assert sorted(draws[0].preserve) == ["a caterpillar", "a dog", "a photo of a dog"]
+    assert sorted(draws[0].preserve) == ["a dog", "a dog on a sofa", "a photo of a dog"]
     assert config.contexts == ["{}"] and config.preserve == ["a dog"]  # the caller's config is left as it was
     # a concept the declared sentences do not hold: the erasure is the one asked for
-    unrelated = EraseConfig(erase=["a tree"], preserve=["a dog"])
+    unrelated = EraseConfig(erase=["a house"], preserve=["a dog"])
     assert unrelated.in_model_sentences(declared) is unrelated
 
 
