@@ -249,8 +249,9 @@ def bench_erasure(
         "stopped": erasure.stopped,
         "erase": config.erase[0],
         "into": config.into[0] if config.into else None,
-        "preserve": config.preserve,
-        "contexts": erasure.config.contexts,  # with the sentences the model declares (docs/method.md, section 9)
+        # with the sentences the model declares (docs/method.md, section 9)
+        "preserve": erasure.config.preserve,
+        "contexts": erasure.config.contexts,
         "train": config.train,
         "lr": config.lr or "auto",
         "seconds": round(seconds, 1),
