@@ -95,7 +95,7 @@ def test_the_model_cards_sentences_draw_what_they_name(shapes, judge):
     assert float((color_pred == torch.tensor(named)).float().mean()) >= 0.9
     asked = [SHAPES[i % len(SHAPES)] for i in range(4 * len(SHAPES))]
     shape_pred = judge.classify(bench.sample(shapes, asked, seed=500))[0]
-    wanted = torch.tensor([i % len(SHAPES) for i in range(len(asked))])
+    wanted = torch.tensor([SHAPES.index(shape) for shape in asked])
     assert float((shape_pred == wanted).float().mean()) >= 0.9
 
 

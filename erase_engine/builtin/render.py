@@ -133,8 +133,8 @@ def example_prompts() -> tuple[str, ...]:
     """The model card's sentences (``Denoiser.example_prompts``): each color in a short caption,
     alone and on each background, and each shape's word, as its captions ask for it alone.  The
     model ties its colors to the words around them (its background words carry colors too), so a
-    color is erased in these sentences as well; a shape is erased from its word, and the other
-    shapes' words are preserved with the model's other sentences (docs/method.md, section 9)."""
+    color is erased in these sentences as well, and a shape from its word; each erasure preserves
+    the sentences of the same form that name another color or shape (docs/method.md, section 9)."""
     forms = ["a {} shape", *(f"a {{}} shape on a {background} background" for background in BACKGROUNDS)]
     return (*(form.format(color) for color in COLORS for form in forms), *SHAPES)
 
