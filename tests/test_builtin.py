@@ -69,6 +69,17 @@ def test_layout_kept_tells_a_changed_concept_from_a_moved_picture(judge):
     assert kept(replace(scenes, color=torch.remainder(scenes.color + 1, 6)), "shape") <= 0.05  # the wrong kind
 
 
+def test_the_bootstrap_interval_of_a_mean_matches_the_normal_one():
+    """For many draws of a normal variable, the percentile bootstrap interval of the mean is the
+    textbook mean +- 1.96 s / sqrt(n); for a sample of equal values it is that value."""
+    values = 5 + 2 * torch.randn(400, generator=torch.Generator().manual_seed(3))
+    low, high = bench.bootstrap_interval(values)
+    half = 1.96 * float(values.std()) / len(values) ** 0.5
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+    assert (low + high) / 2 == pytest.approx(float(values.mean()), abs=0.1 * half)
+    assert bench.bootstrap_interval(torch.full((50,), 0.25)) == [0.25, 0.25]
+
+
 def test_the_model_draws_what_it_is_asked(shapes, judge):
     """Every shape with a fixed color, every color with a fixed shape: the judge agrees."""
     group = bench.Group()
@@ -102,8 +113,11 @@ def test_the_model_cards_sentences_draw_what_they_name(shapes, judge):
 def test_an_erasure_at_the_defaults_removes_the_concept_and_keeps_the_others(shapes, judge):
     erase = "heart"
     config = EraseConfig(erase=[erase], preserve=bench.other_concepts(erase))  # the defaults: auto steps and lr
-    result, _ = bench.run_bench(shapes, judge, config, samples=64)
+    result, images = bench.run_bench(shapes, judge, config, samples=64, uncond_samples=80)
     print(result)
+    assert len(images["uncond_before"]) == len(images["uncond_after"]) == 80
+    low, high = result["uncond_pixel_drift_ci"]
+    assert low <= result["uncond_pixel_drift"] <= high
     assert result["erase_acc_before"] >= 0.9
     assert result["erase_acc_after"] <= 0.2
     assert result["preserve_acc_after"] >= result["preserve_acc_before"] - 0.05
@@ -147,7 +161,7 @@ def test_compare_runs_each_method_until_the_judge_sees_the_concept_erased(monkey
 
     runs = []
 
-    def bench_erasure(denoiser, judge, config, samples):
+    def bench_erasure(denoiser, judge, config, samples, uncond_samples=None):
         steps = config.steps or 400  # the defaults' auto run stops at 400 here
         runs.append((config.erase[0], config.method, steps))
         left = {"surgical": 0.0, "esd": 0.2 * 400 / steps if config.erase == ["star"] else 0.5}[config.method]
@@ -189,7 +203,7 @@ def test_bench_with_no_flag_runs_what_erase_concept_runs(monkeypatch, tmp_path):
         configs["erase-concept"] = config
         raise Stop
 
-    def bench_erasure(denoiser, judge, config, samples):
+    def bench_erasure(denoiser, judge, config, samples, uncond_samples=None):
         configs.setdefault("bench", []).append(config)
         row = dict.fromkeys(bench.TABLE_KEYS, 0.5) | {"erase": config.erase[0], "into": None, "method": config.method}
         return row, {}, None

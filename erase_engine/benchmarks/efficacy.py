@@ -128,12 +128,15 @@ def judge_erasure(
     samples: int,
     seed: int,
     purify_samples: int = 32,
+    uncond_samples: int | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The benchmark's numbers for one finished erasure, and the images behind them."""
+    """The benchmark's numbers for one finished erasure, and the images behind them; the empty
+    prompt is sampled ``uncond_samples`` times (``samples`` by default)."""
     denoiser = erasure.denoiser
     erase, preserve = prompt_groups(concept, samples)
     images = {}
-    for name, prompts in (("erase", erase.prompts), ("preserve", preserve.prompts), ("uncond", [""] * samples)):
+    empty = [""] * (uncond_samples or samples)
+    for name, prompts in (("erase", erase.prompts), ("preserve", preserve.prompts), ("uncond", empty)):
         images[f"{name}_before"] = sample(denoiser, prompts, seed)
         images[f"{name}_after"] = sample(denoiser, prompts, seed, erasure.deltas)
     head = concept.head
@@ -142,6 +145,7 @@ def judge_erasure(
     preserve_before = judge.classify(images["preserve_before"])[head]
     preserve_after = judge.classify(images["preserve_after"])[head]
     wanted = preserve.wanted(concept.kind)
+    uncond_drift = (images["uncond_after"] - images["uncond_before"]).abs().flatten(1).mean(1)  # per sample
     masks_before, masks_after = foreground_mask(images["erase_before"]), foreground_mask(images["erase_after"])
     # layout_kept's two references: the preserve prompts (barely touched: near 1) and the
     # original model drawing the erase prompts again from other seeds (low)
@@ -173,7 +177,9 @@ def judge_erasure(
         "preserve_acc_before": average(preserve_before == wanted),
         "preserve_acc_after": average(preserve_after == wanted),
         "preserve_pixel_drift": average((images["preserve_after"] - images["preserve_before"]).abs()),
-        "uncond_pixel_drift": average((images["uncond_after"] - images["uncond_before"]).abs()),
+        "uncond_pixel_drift": average(uncond_drift),
+        # a few samples that change their whole picture make most of it: how far it can move
+        "uncond_pixel_drift_ci": bootstrap_interval(uncond_drift),
         "purify_removed": average(purify_removed),
         "purify_layout_iou": average(mask_iou(foreground_mask(inputs), foreground_mask(images["purify_out"]))),
         "purify_layout_kept": average(purify_kept),
@@ -181,6 +187,15 @@ def judge_erasure(
         "purify_removed_layout_kept": average(purify_kept[purify_removed]) if purify_removed.any() else None,
     }
     return metrics, images
+
+
+def bootstrap_interval(values: torch.Tensor, level: float = 0.95, draws: int = 2000) -> list[float]:
+    """The percentile bootstrap interval of the mean of ``values`` (a fixed resampling seed)."""
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(len(values), (draws, len(values)), generator=generator)
+    means = values.double()[picks].mean(dim=1)
+    tail = (1 - level) / 2
+    return [round(float(q), 4) for q in means.quantile(torch.tensor([tail, 1 - tail], dtype=torch.float64))]
 
 
 def judge_attack(
@@ -225,14 +240,15 @@ def run_bench(
     config: EraseConfig,
     samples: int = 72,
     attack_steps: int = ATTACK_STEPS,
+    uncond_samples: int | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Erase ``config.erase[0]`` from the built-in model and judge it, then attack it with
     ``attack_steps`` (0: no attack)."""
-    return with_attack(judge, *bench_erasure(denoiser, judge, config, samples), attack_steps)
+    return with_attack(judge, *bench_erasure(denoiser, judge, config, samples, uncond_samples), attack_steps)
 
 
 def bench_erasure(
-    denoiser: Denoiser, judge: Judge, config: EraseConfig, samples: int
+    denoiser: Denoiser, judge: Judge, config: EraseConfig, samples: int, uncond_samples: int | None = None
 ) -> tuple[dict, dict[str, torch.Tensor], Erasure]:
     """``run_bench`` without the attack; also the erasure itself."""
     concept = Concept.parse(config.erase[0])
@@ -242,7 +258,8 @@ def bench_erasure(
     started = time.perf_counter()
     erasure = erase_concept(denoiser, config)
     seconds = time.perf_counter() - started
-    metrics, images = judge_erasure(judge, erasure, concept, into, samples, SAMPLE_SEED + config.seed)
+    seed = SAMPLE_SEED + config.seed
+    metrics, images = judge_erasure(judge, erasure, concept, into, samples, seed, uncond_samples=uncond_samples)
     result = {
         "method": config.method,
         "steps": erasure.scores[-1][0],
@@ -282,15 +299,16 @@ def run_bench_until_erased(
     config: EraseConfig,
     samples: int = 72,
     attack_steps: int = ATTACK_STEPS,
+    uncond_samples: int | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``run_bench`` at ``config``; while the judge still sees the concept in more than
     ``ERASED`` of the samples, again with twice the steps (up to ``MOST_STEPS``), so that
     methods are compared where each has erased it; the last run is attacked.  The row's
     ``erased`` says how it ended."""
-    row, images, erasure = bench_erasure(denoiser, judge, config, samples)
+    row, images, erasure = bench_erasure(denoiser, judge, config, samples, uncond_samples)
     while row["erase_acc_after"] > ERASED and row["steps"] < MOST_STEPS:
         longer = replace(config, steps=min(2 * row["steps"], MOST_STEPS))
-        row, images, erasure = bench_erasure(denoiser, judge, longer, samples)
+        row, images, erasure = bench_erasure(denoiser, judge, longer, samples, uncond_samples)
     left = f"{row['erase_acc_after']:.2f} left after {row['steps']} steps"
     row["erased"] = f"erased: {left}" if row["erase_acc_after"] <= ERASED else f"NOT erased: {left}"
     return with_attack(judge, row, images, erasure, attack_steps)

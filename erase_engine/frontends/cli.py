@@ -259,6 +259,12 @@ def bench_main(argv: list[str]) -> int:
     )
     parser.add_argument("--samples", type=int, default=72, help="samples per prompt group (>= 64)")
     parser.add_argument(
+        "--uncond-samples",
+        type=int,
+        metavar="N",
+        help="samples of the empty prompt (default: --samples); its pixel drift is the noisiest figure",
+    )
+    parser.add_argument(
         "--attack-steps",
         type=int,
         default=bench.ATTACK_STEPS,
@@ -274,6 +280,8 @@ def bench_main(argv: list[str]) -> int:
         parser.error("give --erase TEXT, or --compare for the default set of concepts")
     if args.preserve_others and args.preserve:
         parser.error("give --preserve TEXT or --preserve-others, not both")
+    if args.uncond_samples is not None and args.uncond_samples < 1:
+        parser.error("--uncond-samples must be at least 1")
     check_output(parser, "--json", args.json, ".json")
     check_output(parser, "--grid", args.grid, ".png")
 
@@ -293,7 +301,9 @@ def bench_main(argv: list[str]) -> int:
         if key not in done:  # esd's row for an "into" pair is its plain erasure, run once
             what = f"{erase!r}{f' into {into!r}' if config.into else ''} with {method}"
             print(f"bench: erasing {what} ...", file=sys.stderr)
-            done[key] = run(denoiser, judge, config, samples=args.samples, attack_steps=args.attack_steps)
+            done[key] = run(
+                denoiser, judge, config, args.samples, args.attack_steps, uncond_samples=args.uncond_samples
+            )
             print(json.dumps(done[key][0]), file=sys.stderr)
         row, images = done[key]
         rows.append(row)
