@@ -1,5 +1,5 @@
 """Does the held-out erasure score predict the judge?  On ``builtin:shapes``, each concept is
-erased for several fixed step counts (runs with the same seed are prefixes of one another);
+erased at the defaults for several fixed step counts (runs with the same seed are prefixes of one another);
 each run's final ``remaining`` score is set against the judge's ``erase_acc_after``.
 
     python -m erase_engine.benchmarks.score_study --json score_study.json
@@ -24,7 +24,7 @@ from ..builtin.render import COLORS, SHAPES
 from ..hosts.diffusers_loading import load_denoiser
 from ..parameters import EraseConfig
 from ..trainer import erase_concept
-from .efficacy import SAMPLE_SEED, Concept, average, other_concepts, prompt_groups, sample
+from .efficacy import SAMPLE_SEED, Concept, average, prompt_groups, sample
 
 STEP_COUNTS = (50, 100, 200, 400)
 ERASED = 0.05  # the judge's erase_acc_after at which a concept counts as erased (issue 13)
@@ -57,7 +57,8 @@ def run(concepts: list[str], step_counts: tuple[int, ...], samples: int) -> list
         head = concept.head
         prompts = prompt_groups(concept, samples)[0].prompts
         for steps in step_counts:
-            erasure = erase_concept(denoiser, EraseConfig(erase=[erase], preserve=other_concepts(erase), steps=steps))
+            # the defaults but the steps: what erase-concept --erase X --steps N trains
+            erasure = erase_concept(denoiser, EraseConfig(erase=[erase], steps=steps))
             after = judge.classify(sample(denoiser, prompts, SAMPLE_SEED, erasure.deltas))[head]
             row = {
                 "erase": erase,
