@@ -69,6 +69,20 @@ def test_layout_kept_tells_a_changed_concept_from_a_moved_picture(judge):
     assert kept(replace(scenes, color=torch.remainder(scenes.color + 1, 6)), "shape") <= 0.05  # the wrong kind
 
 
+def test_the_word_swap_reference_asks_the_same_sentences_and_seeds_with_another_word(shapes, judge):
+    """``swap_layout_kept`` compares the erase prompts' samples with the original model's in the
+    same sentences, the concept's word alone changed, at the same seeds: asked for the concept
+    itself, it sees the very same pictures."""
+    for kind, names in (("shape", SHAPES), ("color", tuple(COLORS))):
+        first = bench.prompt_groups(bench.Concept(kind, 0), 36)[0].prompts
+        for other in range(1, len(names)):
+            swapped = bench.prompt_groups(bench.Concept(kind, other), 36)[0].prompts
+            assert [p.replace(f" {names[other]} ", f" {names[0]} ") for p in swapped] == first
+    star = bench.Concept.parse("star")
+    before = bench.sample(shapes, bench.prompt_groups(star, 16)[0].prompts, seed=700)
+    assert bench.word_swap_layout_kept(judge, shapes, star, star, before, seed=700) == ("star", 1.0)
+
+
 def test_the_bootstrap_interval_of_a_mean_matches_the_normal_one():
     """For many draws of a normal variable, the percentile bootstrap interval of the mean is the
     textbook mean +- 1.96 s / sqrt(n); for a sample of equal values it is that value."""

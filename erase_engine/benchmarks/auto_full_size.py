@@ -1,7 +1,7 @@
 """Auto steps and the automatic learning rate on full-size models with random weights.
 
     python -m erase_engine.benchmarks.auto_full_size --shape sd15 [--resolution 64] [--device cpu]
-        [--dtype float32|bfloat16|float16]
+        [--dtype float32|bfloat16|float16] [--train xattn|xattn-kv|noxattn|full]
 
 Runs one erasure at the defaults (auto steps, auto learning rate) on a full-size SD1.5- or
 SDXL-shaped model (random weights; 64 px is an 8x8 latent, what a CPU affords) and prints
@@ -19,6 +19,7 @@ import sys
 import torch
 
 from ..denoiser import Conditioning, Denoiser
+from ..layers import TRAINABLE_SETS
 from ..parameters import EraseConfig
 from ..trainer import Progress, erase_concept
 from .speed import DTYPES, PROMPTS, build_model, peak_memory_gib
@@ -51,12 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sampler-steps", type=int, default=50, help="the trajectory sampler's steps")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--train", choices=TRAINABLE_SETS, default="xattn", help="the trained layers")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     denoiser = build_model(args.shape, args.device, getattr(torch, args.dtype))
     config = EraseConfig(
         erase=[PROMPTS[args.shape]], preserve=["a photo of a dog"], resolution=args.resolution,
-        sampler_steps=args.sampler_steps,
+        sampler_steps=args.sampler_steps, train=args.train,
     )  # fmt: skip
     shown = []
     pooled_share = None
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(denoiser.device) if denoiser.device.type == "cuda" else "cpu",
         "dtype": args.dtype,
         "resolution": args.resolution,
+        "train": args.train,
+        "trained_layers": len(erasure.deltas.layers),
         "pooled_guidance_share": pooled_share,
         "steps_run": erasure.scores[-1][0],
         "stopped": erasure.stopped,

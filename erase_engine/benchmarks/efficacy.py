@@ -147,9 +147,12 @@ def judge_erasure(
     wanted = preserve.wanted(concept.kind)
     uncond_drift = (images["uncond_after"] - images["uncond_before"]).abs().flatten(1).mean(1)  # per sample
     masks_before, masks_after = foreground_mask(images["erase_before"]), foreground_mask(images["erase_after"])
-    # layout_kept's two references: the preserve prompts (barely touched: near 1) and the
-    # original model drawing the erase prompts again from other seeds (low)
+    # layout_kept's references: the preserve prompts (barely touched: near 1), the original
+    # model drawing the erase prompts again from other seeds (low), and the original model asked
+    # for another concept in the same sentences at the same seeds (how far the model itself moves
+    # the picture when only the word changes)
     images["erase_reseeded"] = sample(denoiser, erase.prompts, seed + samples)
+    swap_concept, swap_kept = word_swap_layout_kept(judge, denoiser, concept, into, images["erase_before"], seed)
 
     # purification: generated images of the concept (original model) treated as real inputs
     inputs = images["erase_before"][:purify_samples]
@@ -173,6 +176,8 @@ def judge_erasure(
         "reseed_layout_kept": average(
             layout_kept(judge, images["erase_before"], images["erase_reseeded"], concept.kind)
         ),
+        "swap_layout_kept": swap_kept,
+        "swap_concept": swap_concept,
         "color_kept": average(erase_after[1] == erase.wanted("color")) if concept.kind == "shape" else None,
         "preserve_acc_before": average(preserve_before == wanted),
         "preserve_acc_after": average(preserve_after == wanted),
@@ -187,6 +192,22 @@ def judge_erasure(
         "purify_removed_layout_kept": average(purify_kept[purify_removed]) if purify_removed.any() else None,
     }
     return metrics, images
+
+
+def word_swap_layout_kept(
+    judge: Judge, denoiser: Denoiser, concept: Concept, into: Concept | None, before: torch.Tensor, seed: int
+) -> tuple[str, float]:
+    """The original model asked, at the seeds and in the sentences of ``before`` (the erase
+    prompts' samples), for ``into`` or, without one, for each other concept of the kind: the
+    concept whose samples keep ``before``'s layout most often, and that fraction."""
+    names = SHAPES if concept.kind == "shape" else tuple(COLORS)
+    others = [into.index] if into is not None else [i for i in range(len(names)) if i != concept.index]
+    kept = {}
+    for other in others:
+        swapped = prompt_groups(Concept(concept.kind, other), len(before))[0].prompts
+        kept[names[other]] = average(layout_kept(judge, before, sample(denoiser, swapped, seed), concept.kind))
+    best = max(kept, key=kept.get)
+    return best, kept[best]
 
 
 def bootstrap_interval(values: torch.Tensor, level: float = 0.95, draws: int = 2000) -> list[float]:
@@ -340,6 +361,7 @@ TABLE_KEYS = (
     "layout_iou_ceiling",
     "layout_box_iou",
     "layout_kept",
+    "swap_layout_kept",
     "preserve_layout_kept",
     "color_kept",
     "preserve_acc_before",
