@@ -18,6 +18,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+# keep_layout keeps the concept's guidance averaged over this many cells a side of the latent:
+# on the built-in model's 8x8 latent, where its object is and how big, not its outline (section 10)
+LAYOUT_CELLS = 4
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -26,7 +30,7 @@ class Objective:
     lambda_p: float
     allows_alternative: bool = True
     # The top fraction of the noise levels (where the layout forms) at which the erased concept's
-    # guidance is removed rather than reversed (eta 0 there; section 10).
+    # guidance is kept at a coarse scale (``coarse``) rather than reversed (section 10).
     keep_layout: float = 0.0
 
     def target(
@@ -39,11 +43,13 @@ class Objective:
     ) -> torch.Tensor:
         """The erased prompt's target at timesteps ``t`` (one per row), from the frozen model's
         outputs; ``base``: the empty prompt's, or in a context the sentence's without the concept."""
+        reversed_ = erase_target(base, erase, self.eta, alternative)
         if not self.keep_layout:
-            return erase_target(base, erase, self.eta, alternative)
+            return reversed_
         forming = t.to(erase.device).float() >= (1 - self.keep_layout) * num_timesteps
-        eta = torch.where(forming, 0.0, self.eta).to(erase.dtype)  # 0: drawn as the base (or alternative) would be
-        return erase_target(base, erase, eta.view(-1, *[1] * (erase.ndim - 1)), alternative)
+        # where the layout forms, the concept still says where its object goes and how big, not what it is
+        kept = base + coarse(erase - base) + (alternative - base if alternative is not None else 0)
+        return torch.where(forming.view(-1, *[1] * (erase.ndim - 1)), kept, reversed_)
 
 
 PRESETS = {
@@ -69,6 +75,12 @@ def make_objective(
     given = {"eta": eta, "lambda_u": lambda_u, "lambda_p": lambda_p, "keep_layout": keep_layout}
     overrides = {k: v for k, v in given.items() if v is not None}
     return replace(PRESETS[method], **overrides)
+
+
+def coarse(latents: torch.Tensor, cells: int = LAYOUT_CELLS) -> torch.Tensor:
+    """``latents`` averaged over a ``cells`` x ``cells`` grid, spread back smoothly (bilinear)."""
+    means = F.adaptive_avg_pool2d(latents.float(), cells)
+    return F.interpolate(means, size=latents.shape[-2:], mode="bilinear", align_corners=False).to(latents.dtype)
 
 
 def erase_target(

@@ -299,8 +299,8 @@ class EraseConfig:
     keep_layout: float = parameter(
         "Keep layout",
         "The top fraction of noise levels (where an image's layout forms) at which the concept's guidance is "
-        "removed rather than reversed: 0.4 keeps more of an erased object's place and size; a color or style also "
-        "forms there and is then erased less.",
+        "kept only coarsely (where and how big) rather than reversed: 0.4 keeps more of an erased object's "
+        "place and size; a color or style also forms there and is then erased less.",
         0.0,
         0.0,
         0.9,
