@@ -84,11 +84,10 @@ def coarse(latents: torch.Tensor, cells: int = LAYOUT_CELLS) -> torch.Tensor:
 
 
 def erase_target(
-    base: torch.Tensor, erase: torch.Tensor, eta: float | torch.Tensor, alternative: torch.Tensor | None = None
+    base: torch.Tensor, erase: torch.Tensor, eta: float, alternative: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``e*(x,b) + g*(x,c_a) - eta g*(x,c_e)`` from the frozen model's outputs, each guidance
-    taken from the base ``b`` (the empty prompt, or the context without the concept); ``eta``
-    a number, or one per row broadcast against the outputs."""
+    taken from the base ``b`` (the empty prompt, or the context without the concept)."""
     target = base - eta * (erase - base)
     if alternative is not None:
         target = target + (alternative - base)
