@@ -200,12 +200,11 @@ def word_swap_layout_kept(
     """The original model asked, at the seeds and in the sentences of ``before`` (the erase
     prompts' samples), for ``into`` or, without one, for each other concept of the kind: the
     concept whose samples keep ``before``'s layout most often, and that fraction."""
-    names = SHAPES if concept.kind == "shape" else tuple(COLORS)
-    others = [into.index] if into is not None else [i for i in range(len(names)) if i != concept.index]
+    others = [into] if into is not None else [Concept.parse(name) for name in other_concepts(concept.name)]
     kept = {}
     for other in others:
-        swapped = prompt_groups(Concept(concept.kind, other), len(before))[0].prompts
-        kept[names[other]] = average(layout_kept(judge, before, sample(denoiser, swapped, seed), concept.kind))
+        swapped = prompt_groups(other, len(before))[0].prompts
+        kept[other.name] = average(layout_kept(judge, before, sample(denoiser, swapped, seed), concept.kind))
     best = max(kept, key=kept.get)
     return best, kept[best]
 
