@@ -202,6 +202,48 @@ def test_compare_runs_each_method_until_the_judge_sees_the_concept_erased(monkey
     assert Image.open(grid).height == 28 + 3 * tile  # original, surgical, esd
 
 
+def test_layout_study_compares_the_three_erasures_at_equal_erasure(monkeypatch, tmp_path, capsys):
+    """The layout study runs surgical, surgical with keep_layout and esd (without the
+    alternative, which esd has not: its plain erasure once) each until erased, and draws the
+    first concepts by method: each row of the grid is the method's own samples."""
+    from erase_engine.benchmarks import layout_study
+
+    runs = []
+
+    def run_until_erased(denoiser, judge, config, samples, attack_steps):
+        runs.append((config.erase, config.into, config.method, config.keep_layout, config.steps))
+        shade = len(runs) / 10  # each run's samples a colour of their own
+        row = dict.fromkeys(layout_study.COLUMNS, 0.5) | {"erase": config.erase[0], "into": None}
+        row["into"] = config.into[0] if config.into else None
+        images = {"erase_before": torch.zeros(8, 3, 32, 32), "erase_after": torch.full((8, 3, 32, 32), shade)}
+        return row, images
+
+    monkeypatch.setattr(layout_study, "run_bench_until_erased", run_until_erased)
+    monkeypatch.setattr(layout_study, "load_denoiser", lambda model: None)
+    monkeypatch.setattr(layout_study, "load_judge", lambda: None)
+    grid = tmp_path / "grid.png"
+    erase = ["star:heart", "circle", "star"]
+    layout_study.main(["--erase", *erase, "--esd-steps", "2400", "--grid", str(grid), "--grid-concepts", "1"])
+    assert runs == [
+        (["star"], ["heart"], "surgical", 0.0, None),
+        (["star"], ["heart"], "surgical", 0.4, None),
+        (["star"], [], "esd", 0.0, 2400),
+        (["circle"], [], "surgical", 0.0, None),
+        (["circle"], [], "surgical", 0.4, None),
+        (["circle"], [], "esd", 0.0, 2400),
+        (["star"], [], "surgical", 0.0, None),
+        (["star"], [], "surgical", 0.4, None),
+    ]  # fmt: skip  (esd's plain erasure of the star ran once, for star -> heart)
+    out = capsys.readouterr().out
+    assert "| star -> heart | surgical, keep 0.4 |" in out and out.count('"variant": "esd"') == 2
+    tile = 32 * -(-128 // 32)
+    picture = np.array(Image.open(grid).convert("RGB")).astype(float) / 255
+    assert picture.shape[0] == 28 + 4 * tile  # the star only: original and the three methods
+    centre = picture.shape[1] - tile // 2
+    shades = [picture[28 + r * tile + tile // 2, centre].mean() for r in range(4)]
+    assert shades == pytest.approx([0.0, 0.1, 0.2, 0.3], abs=0.01)
+
+
 def test_bench_with_no_flag_runs_what_erase_concept_runs(monkeypatch, tmp_path):
     """``bench`` with no flag measures the erasure ``erase-concept --erase X`` trains: the same
     config, field by field; ``--preserve-others`` preserves the other concepts by name."""

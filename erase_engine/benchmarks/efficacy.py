@@ -342,12 +342,14 @@ def bench_grid(images: dict[str, torch.Tensor], columns: int = 8):
     return grid_image(["erase prompts", "other concepts", "empty prompt"], before, after)
 
 
-def methods_grid(images: dict[str, dict[str, torch.Tensor]], erase: str, columns: int = 8):
-    """The same seeds of the erase prompts: the original model, then a row per method."""
-    first = next(iter(images.values()))
-    versions = {"original": first["erase_before"][:columns]}
-    versions.update({method: shown["erase_after"][:columns] for method, shown in images.items()})
-    return versions_grid([f"prompts with {erase!r}"], {k: v[None] for k, v in versions.items()})
+def methods_grid(images: dict[str, dict[str, dict[str, torch.Tensor]]], columns: int = 8):
+    """For each erased concept (``{concept: {method: images}}``), the same seeds of its erase
+    prompts: the original model, then a row per method."""
+    methods = next(iter(images.values())).keys()
+    by_concept = list(images.values())
+    versions = {"original": torch.stack([next(iter(shown.values()))["erase_before"][:columns] for shown in by_concept])}
+    versions.update({m: torch.stack([shown[m]["erase_after"][:columns] for shown in by_concept]) for m in methods})
+    return versions_grid([f"prompts with {erase!r}" for erase in images], versions)
 
 
 TABLE_KEYS = (

@@ -311,7 +311,7 @@ def bench_main(argv: list[str]) -> int:
             first_images[method] = images
     if args.grid is not None:
         if args.compare:
-            bench.methods_grid(first_images, pairs[0][0]).save(args.grid)
+            bench.methods_grid({pairs[0][0]: first_images}).save(args.grid)
         else:
             bench.bench_grid(first_images[methods[0]]).save(args.grid)
     print(bench.comparison_table(rows))
