@@ -236,6 +236,7 @@ def test_layout_study_compares_the_three_erasures_at_equal_erasure(monkeypatch, 
     ]  # fmt: skip  (esd's plain erasure of the star ran once, for star -> heart)
     out = capsys.readouterr().out
     assert "| star -> heart | surgical, keep 0.4 |" in out and out.count('"variant": "esd"') == 2
+    assert out.count("| 0.500 |") == 9  # the drift to three places, the other figures to two
     tile = 32 * -(-128 // 32)
     picture = np.array(Image.open(grid).convert("RGB")).astype(float) / 255
     assert picture.shape[0] == 28 + 4 * tile  # the star only: original and the three methods

@@ -117,7 +117,7 @@ def table(rows: list[dict]) -> str:
     keys = [k for k in rows[0] if k not in ("erase", "method", "paraphrases") and not k.endswith("_runs")]
     lines = ["| erase | method | " + " | ".join(keys) + " |", "|" + "---|" * (2 + len(keys))]
     for row in rows:
-        cells = [table_cell(row[k]) for k in keys]
+        cells = [table_cell(row[k], k) for k in keys]
         lines.append(f"| {row['erase']} | {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

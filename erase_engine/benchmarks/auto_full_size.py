@@ -1,7 +1,7 @@
 """Auto steps and the automatic learning rate on full-size models with random weights.
 
     python -m erase_engine.benchmarks.auto_full_size --shape sd15 [--resolution 64] [--device cpu]
-        [--dtype float32|bfloat16|float16] [--train xattn|xattn-kv|noxattn|full]
+        [--dtype float32|bfloat16|float16] [--train xattn|xattn-kv|noxattn|full] [--seed N]
 
 Runs one erasure at the defaults (auto steps, auto learning rate) on a full-size SD1.5- or
 SDXL-shaped model (random weights; 64 px is an 8x8 latent, what a CPU affords) and prints
@@ -53,12 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler-steps", type=int, default=50, help="the trajectory sampler's steps")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--train", choices=TRAINABLE_SETS, default="xattn", help="the trained layers")
+    parser.add_argument("--seed", type=int, default=0, help="the random weights' and the erasure's seed")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     denoiser = build_model(args.shape, args.device, getattr(torch, args.dtype))
     config = EraseConfig(
         erase=[PROMPTS[args.shape]], preserve=["a photo of a dog"], resolution=args.resolution,
-        sampler_steps=args.sampler_steps, train=args.train,
+        sampler_steps=args.sampler_steps, train=args.train, seed=args.seed,
     )  # fmt: skip
     shown = []
     pooled_share = None
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "resolution": args.resolution,
         "train": args.train,
+        "seed": args.seed,
         "trained_layers": len(erasure.deltas.layers),
         "pooled_guidance_share": pooled_share,
         "steps_run": erasure.scores[-1][0],

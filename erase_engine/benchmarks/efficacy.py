@@ -378,8 +378,10 @@ TABLE_KEYS = (
 )
 
 
-def table_cell(value) -> str:
-    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+def table_cell(value, key: str = "") -> str:
+    """A markdown cell; a drift (``key`` ending in ``drift``), whose figures are small, to three places."""
+    places = 3 if key.endswith("drift") else 2
+    return "-" if value is None else f"{value:.{places}f}" if isinstance(value, float) else str(value)
 
 
 def comparison_table(rows: list[dict]) -> str:
@@ -388,6 +390,6 @@ def comparison_table(rows: list[dict]) -> str:
     lines = [header, "|" + "---|" * (3 + len(TABLE_KEYS))]
     for row in rows:
         cells = [row["erase"], row["into"] or "-", row["method"]]
-        cells += [table_cell(row.get(k)) for k in TABLE_KEYS]
+        cells += [table_cell(row.get(k), k) for k in TABLE_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

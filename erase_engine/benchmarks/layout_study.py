@@ -90,7 +90,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| erased | variant | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (2 + len(COLUMNS))]
     for row in rows:
         erased = row["erase"] + (f" -> {row['into']}" if row["into"] else "")
-        cells = [f"{row[k]:.3f}" if k.endswith("drift") else table_cell(row[k]) for k in COLUMNS]
+        cells = [table_cell(row[k], k) for k in COLUMNS]
         lines.append(f"| {erased} | {row['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

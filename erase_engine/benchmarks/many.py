@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(rows, indent=2))
     print("| " + " | ".join(TABLE_KEYS) + " |\n|" + "---|" * len(TABLE_KEYS))
     for row in rows:
-        print("| " + " | ".join(table_cell(row[k]) for k in TABLE_KEYS) + " |")
+        print("| " + " | ".join(table_cell(row[k], k) for k in TABLE_KEYS) + " |")
     return 0
 
 
