@@ -213,8 +213,8 @@ def test_layout_study_compares_the_three_erasures_at_equal_erasure(monkeypatch, 
     def run_until_erased(denoiser, judge, config, samples, attack_steps):
         runs.append((config.erase, config.into, config.method, config.keep_layout, config.steps))
         shade = len(runs) / 10  # each run's samples a colour of their own
-        row = dict.fromkeys(layout_study.COLUMNS, 0.5) | {"erase": config.erase[0], "into": None}
-        row["into"] = config.into[0] if config.into else None
+        row = dict.fromkeys(layout_study.COLUMNS, 0.5)
+        row |= {"erase": config.erase[0], "into": config.into[0] if config.into else None}
         images = {"erase_before": torch.zeros(8, 3, 32, 32), "erase_after": torch.full((8, 3, 32, 32), shade)}
         return row, images
 
