@@ -8,7 +8,7 @@ by a stronger attack; and how the erasure holds for other ways of asking for the
 Prints a JSON row per (concept, method) as it goes, then a markdown table; ``--json`` keeps the rows.
 One attack is noisy (its draws alone can move ``attack_acc`` by 0.2); ``--attack-seeds N``
 attacks each erasure N times with different draws and reports the mean, and each run in
-``*_acc_runs``.
+``*_acc_runs`` (``--strong-seeds`` for the stronger attack, whose runs take longer).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strong-tokens", type=int, default=4)
     parser.add_argument("--contexts", nargs="+", default=["{}"], help="the erasures' contexts (default: the concept)")
     parser.add_argument("--attack-seeds", type=int, default=1, help="attacks per erasure and budget (their mean)")
+    parser.add_argument("--strong-seeds", type=int, help="the stronger attack's (default: --attack-seeds)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -93,16 +94,16 @@ def main(argv: list[str] | None = None) -> None:
             row, _, erasure = bench_erasure(denoiser, judge, config, args.samples)
             keep = ("steps", "seconds", "erase_acc_after", "preserve_acc_after", "uncond_pixel_drift", "layout_kept")
             result = {"erase": erase, "method": method, **{k: row[k] for k in keep}}
-            budgets = {"attack": (ATTACK_STEPS, 1)}
+            budgets = {"attack": (ATTACK_STEPS, 1, args.attack_seeds)}
             if args.strong_steps:
-                budgets["strong"] = (args.strong_steps, args.strong_tokens)
-            for name, (steps, tokens) in budgets.items():
+                budgets["strong"] = (args.strong_steps, args.strong_tokens, args.strong_seeds or args.attack_seeds)
+            for name, (steps, tokens, seeds) in budgets.items():
                 runs = [
                     judge_attack(judge, erasure, concept, args.samples, SAMPLE_SEED, steps, tokens, config.seed + k)[0]
-                    for k in range(args.attack_seeds)
+                    for k in range(seeds)
                 ]
                 figures = {k: round(sum(run[k] for run in runs) / len(runs), 4) for k in runs[0]}
-                if args.attack_seeds > 1:
+                if seeds > 1:
                     figures["attack_acc_runs"] = [run["attack_acc"] for run in runs]
                 result |= {k.replace("attack", name, 1): v for k, v in figures.items()}
             result["paraphrases"] = paraphrase_accuracy(judge, erasure, concept)
