@@ -113,7 +113,7 @@ def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(t
     state asked with the concept and asked with the adversary's word, to the same target, the
     word standing in the prompt's own sentence or in one of the carrier sentences."""
     from erase_engine import load_denoiser, trainer
-    from erase_engine.adversary import CARRIERS, PLACEHOLDER
+    from erase_engine.adversary import CARRIERS, PLACEHOLDER, placeholders
 
     denoiser = load_denoiser(tiny_model_dirs["sd1"])
     draws, made, asked_in = record_draws(monkeypatch), [], []
@@ -132,8 +132,10 @@ def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(t
                          sampler_steps=4, seed=3)  # fmt: skip
     erasure = erase_concept(denoiser, config)
     draw, adversary = draws[0], made[0].by_concept["a cat"]
-    start = denoiser.word_vectors("a cat")[0].mean(dim=0, keepdim=True)
+    start = denoiser.word_vectors("a cat")[0].mean(dim=0, keepdim=True).repeat(trainer.ADVERSARY_TOKENS, 1)
+    assert adversary.vectors[0].shape == start.shape  # the word is ADVERSARY_TOKENS vectors
     assert not torch.equal(adversary.vectors[0].detach(), start)  # the attack ran before the step
+    word = placeholders(trainer.ADVERSARY_TOKENS)
     errors = []
     for row, erased in enumerate(draw.erase):
         x_t, t = draw.x[row : row + 1], draw.t[row : row + 1]
@@ -141,13 +143,13 @@ def test_a_robust_first_step_also_asks_the_concept_through_the_adversarys_word(t
         e_base, e_cat = raw_unet(denoiser, x_t, t, base), raw_unet(denoiser, x_t, t, erased)
         target = e_base - 1.0 * (e_cat - e_base)
         asked = asked_in[row]
-        assert asked in [erased.replace("a cat", PLACEHOLDER), *(c.format(PLACEHOLDER) for c in CARRIERS)]
+        assert asked in [erased.replace("a cat", word), *(c.format(word) for c in CARRIERS)]
         with torch.no_grad():
             cond = denoiser.encode_with_embedding([asked], PLACEHOLDER, adversary.vectors)
             e_adv = denoiser.unet(x_t, t, encoder_hidden_states=cond.context).sample
         errors += [(e_cat - target) ** 2, (e_adv - target) ** 2]
     assert erasure.losses[0]["erase"] == pytest.approx(float(torch.cat(errors).mean()), rel=1e-4)
-    assert {c.format(PLACEHOLDER) for c in CARRIERS} & set(asked_in)  # (the seed draws a carrier)
+    assert {c.format(word) for c in CARRIERS} & set(asked_in)  # (the seed draws a carrier)
 
 
 def cell_means(latents: torch.Tensor, cells: int = 4) -> torch.Tensor:
